@@ -1,0 +1,456 @@
+"""Typed, validated run configs: a YAML file plus dotted command-line overrides.
+
+A config has three sections, each optional in the file: ``model`` (which LLM, vision tower and
+bridge), ``data`` (which files) and ``train`` (how to train). :func:`load_config` reads the file,
+applies ``section.key=value`` overrides (the overrides win), checks every value and raises one
+:class:`ConfigError` listing every problem, one per line, each naming where it came from (the
+file, or ``command line``) and the dotted key::
+
+    configs/x.yaml: unknown key 'train.lrr'; did you mean 'train.lr'? allowed keys in train: ...
+    command line: train.stage: 'algin' is not allowed; choose one of: align, sft, full
+
+Values are parsed leniently where YAML is surprising: ``lr: 1e-3`` (a *string* to PyYAML) is
+read as a number, and an override's text is kept verbatim for string keys (``data.train=2024``).
+Files are not checked for existence here; the loaders do that when they open them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import os
+import types
+import typing
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+__all__ = [
+    "SHIPPED_LM",
+    "SHIPPED_VISION",
+    "Config",
+    "ConfigError",
+    "DataSpec",
+    "ModelSpec",
+    "TrainSpec",
+    "config_from_dict",
+    "config_to_dict",
+    "load_config",
+    "save_config",
+]
+
+SHIPPED_LM = "shipped:lm"
+SHIPPED_VISION = "shipped:vision"
+COMMAND_LINE = "command line"
+
+
+def _bound(text: str, ok: Callable[[Any], bool], expect: str | None = None) -> dict[str, Any]:
+    """Field metadata: a range check, described as `text` after the type ("> 0"), or as `expect`."""
+    return {"bound": text, "ok": ok, "expect": expect}
+
+
+_GT0 = _bound("> 0", lambda v: v > 0)
+_GE0 = _bound(">= 0", lambda v: v >= 0)
+
+
+@dataclass
+class ModelSpec:
+    """Which parts make the model: a causal LM, a vision tower, and the bridge between them."""
+
+    llm: str = SHIPPED_LM  # HF folder (any AutoModelForCausalLM), hub id, or "shipped:lm"
+    vision: str = SHIPPED_VISION  # HF folder of a CLIP/SigLIP/DINOv2/ResNet/ConvNeXt model, or "shipped:vision"
+    vision_select_layer: int = -1  # hidden layer of the tower that feeds the bridge (LLaVA uses -2)
+    vision_drop_cls: bool = True
+    bridge: Literal["mlp"] = "mlp"
+    bridge_layers: int = field(default=2, metadata=_bound("", lambda v: v in (1, 2), expect="1 or 2"))
+
+
+@dataclass
+class DataSpec:
+    """Which conversation files (LLaVA JSON / JSON lines) and images to read."""
+
+    train: str | None = None
+    image_folder: str | None = None
+    eval: str | None = None
+    max_length: int = field(default=512, metadata=_GT0)  # tokens per sample, image tokens included
+    bad_records: Literal["skip", "stop"] = "skip"
+
+
+@dataclass
+class TrainSpec:
+    """How to train. Stages: align = bridge only; sft = bridge + LLM (+ tower if
+    train_vision_tower); full = everything. Feature caching is turned off automatically when the
+    tower trains and the key is not set; setting it true then is an error."""
+
+    stage: Literal["align", "sft", "full"] = "sft"
+    train_vision_tower: bool = False
+    init_from: str | None = None  # checkpoint folder to start from (e.g. the align stage's output)
+    max_steps: int = field(default=0, metadata=_GE0)  # > 0 wins over epochs
+    epochs: float = field(default=1.0, metadata=_GT0)
+    batch_size: int = field(default=16, metadata=_GT0)
+    grad_accum: int = field(default=1, metadata=_bound(">= 1", lambda v: v >= 1))
+    lr: float = field(default=1e-3, metadata=_GT0)
+    warmup_ratio: float = field(default=0.03, metadata=_bound("in [0, 1)", lambda v: 0 <= v < 1))
+    weight_decay: float = field(default=0.0, metadata=_GE0)
+    max_grad_norm: float = field(default=1.0, metadata=_bound("> 0 (or 0 to disable clipping)", lambda v: v >= 0))
+    precision: Literal["bf16", "fp32"] = "bf16"
+    seed: int = field(default=0, metadata=_GE0)
+    output_dir: str = "runs/train"  # relative to the working directory, never to the YAML file
+    save_every: int = field(default=0, metadata=_GE0)  # steps between checkpoints; 0 = only at the end
+    log_every: int = field(default=10, metadata=_GT0)
+    cache_vision_features: bool = True  # only with a frozen tower
+
+    @property
+    def trains_vision_tower(self) -> bool:
+        return self.stage == "full" or (self.stage == "sft" and self.train_vision_tower)
+
+    @property
+    def trains_llm(self) -> bool:
+        return self.stage != "align"
+
+    @property
+    def uses_feature_cache(self) -> bool:
+        return self.cache_vision_features and not self.trains_vision_tower
+
+
+@dataclass
+class Config:
+    """A whole run: model, data and training specs."""
+
+    model: ModelSpec = field(default_factory=ModelSpec)
+    data: DataSpec = field(default_factory=DataSpec)
+    train: TrainSpec = field(default_factory=TrainSpec)
+
+
+class ConfigError(ValueError):
+    """One or more config problems; `errors` holds one message per problem (also the lines of str(e))."""
+
+    def __init__(self, errors: str | Sequence[str]) -> None:
+        self.errors = [errors] if isinstance(errors, str) else list(errors)
+        super().__init__("\n".join(self.errors))
+
+
+_SECTIONS: dict[str, type] = {"model": ModelSpec, "data": DataSpec, "train": TrainSpec}
+_HINTS: dict[str, dict[str, Any]] = {name: typing.get_type_hints(cls) for name, cls in _SECTIONS.items()}
+_FIELDS: dict[str, dict[str, dataclasses.Field]] = {
+    name: {f.name: f for f in dataclasses.fields(cls)} for name, cls in _SECTIONS.items()
+}
+# Input paths: any relative path resolves against the base folder.
+_PATH_KEYS = {"data.train", "data.image_folder", "data.eval", "train.init_from"}
+# Model paths: may also be hub ids ("org/name"), so only clearly-local relative paths resolve.
+_MODEL_PATH_KEYS = {"model.llm", "model.vision"}
+
+
+class _Invalid(Exception):
+    """A single value failed its check; the message follows the dotted key."""
+
+
+def _show(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if v is None:
+        return "null"
+    if isinstance(v, Mapping):
+        return "a mapping"
+    if isinstance(v, list | tuple):
+        return "a list"
+    text = repr(v)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _optional_inner(hint: Any) -> Any | None:
+    """X for `X | None`, else None."""
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        args = typing.get_args(hint)
+        if type(None) in args:
+            return next(a for a in args if a is not type(None))
+    return None
+
+
+def _is_str_field(hint: Any) -> bool:
+    return hint is str or _optional_inner(hint) is str
+
+
+def _coerce(hint: Any, value: Any, meta: Mapping[str, Any]) -> Any:
+    """Check `value` against a field's type and range; return it converted, or raise _Invalid."""
+    inner = _optional_inner(hint)
+    if inner is not None:
+        return None if value is None else _coerce(inner, value, meta)
+    if typing.get_origin(hint) is Literal:
+        choices = typing.get_args(hint)
+        if value in choices and not isinstance(value, bool):
+            return value
+        close = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1)
+        hint_text = f"; did you mean '{close[0]}'?" if close else ""
+        raise _Invalid(f"{_show(value)} is not allowed; choose one of: {', '.join(map(str, choices))}{hint_text}")
+    bound = meta.get("bound", "")
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        raise _Invalid(f"expected true or false, got {_show(value)}")
+    if hint is str:
+        if isinstance(value, int) and not isinstance(value, bool):
+            value = str(value)
+        if not isinstance(value, str):
+            quote = " (put it in quotes)" if isinstance(value, bool | float) else ""
+            raise _Invalid(f"expected a string, got {_show(value)}{quote}")
+        if not value.strip():
+            raise _Invalid("expected a non-empty string" + (" (use null to unset it)" if meta.get("optional") else ""))
+        return value
+    noun = {int: "an integer", float: "a number"}[hint]
+    expect = meta.get("expect") or (f"{noun} {bound}" if bound else noun)
+    converted: int | float | None = None
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        converted = value
+    elif isinstance(value, str):  # PyYAML reads 1e-3 as a string
+        try:
+            converted = float(value.strip())
+        except ValueError:
+            converted = None
+    if converted is None or not math.isfinite(converted):
+        raise _Invalid(f"expected {noun}, got {_show(value)}")
+    if hint is int:
+        if converted != int(converted):
+            raise _Invalid(f"expected {noun}, got {_show(value)}")
+        converted = int(converted)
+    else:
+        converted = float(converted)
+    ok = meta.get("ok")
+    if ok is not None and not ok(converted):
+        raise _Invalid(f"expected {expect}, got {_show(value)}")
+    return converted
+
+
+def _unknown_key(section: str, key: str) -> str:
+    allowed = list(_FIELDS[section])
+    close = difflib.get_close_matches(key, allowed, n=1)
+    elsewhere = [s for s in _SECTIONS if s != section and key in _FIELDS[s]]
+    if close:
+        hint = f"; did you mean '{section}.{close[0]}'? "
+    elif elsewhere:
+        hint = f"; did you mean '{elsewhere[0]}.{key}'? "
+    else:
+        hint = "; "
+    return f"unknown key '{section}.{key}'{hint}allowed keys in {section}: {', '.join(allowed)}"
+
+
+def _unknown_section(name: str) -> str:
+    close = difflib.get_close_matches(name, list(_SECTIONS), n=1)
+    owner = [s for s in _SECTIONS if name in _FIELDS[s]]
+    if close:
+        hint = f"; did you mean '{close[0]}'? "
+    elif owner:
+        hint = f"; did you mean '{owner[0]}.{name}' (keys go inside their section)? "
+    else:
+        hint = "; "
+    return f"unknown section '{name}'{hint}allowed sections: {', '.join(_SECTIONS)}"
+
+
+class _Raw:
+    """Raw values per section, with where each dotted key came from, and the problems found so far."""
+
+    def __init__(self, source: str) -> None:
+        self.source = source
+        self.values: dict[str, dict[str, Any]] = {name: {} for name in _SECTIONS}
+        self.origins: dict[str, str] = {}
+        self.errors: list[str] = []
+
+    def error(self, origin: str, message: str) -> None:
+        self.errors.append(f"{origin}: {message}")
+
+    def origin(self, key: str) -> str:
+        return self.origins.get(key, self.source)
+
+    def add_mapping(self, data: Any) -> None:
+        if data is None:
+            return
+        if not isinstance(data, Mapping):
+            self.error(self.source, f"expected a mapping with sections {', '.join(_SECTIONS)}, got {_show(data)}")
+            return
+        for section, body in data.items():
+            name = str(section)
+            if name not in _SECTIONS:
+                self.error(self.source, _unknown_section(name))
+            elif body is None:
+                continue
+            elif not isinstance(body, Mapping):
+                self.error(self.source, f"section '{name}' must be a mapping of key: value, got {_show(body)}")
+            else:
+                for key, value in body.items():
+                    self.values[name][str(key)] = value
+                    self.origins[f"{name}.{key}"] = self.source
+
+    def resolve_paths(self, base: Path, keys: Sequence[str] | None = None) -> None:
+        for dotted in _PATH_KEYS | _MODEL_PATH_KEYS:
+            if keys is not None and dotted not in keys:
+                continue
+            section, key = dotted.split(".")
+            value = self.values[section].get(key)
+            if isinstance(value, str) and value.strip():
+                self.values[section][key] = _resolve(value, base, model=dotted in _MODEL_PATH_KEYS)
+
+    def add_override(self, text: str, cwd: Path) -> None:
+        if "=" not in text:
+            self.error(COMMAND_LINE, f"override {text!r} has no '='; write SECTION.KEY=VALUE, e.g. train.lr=3e-4")
+            return
+        dotted, value_text = (s.strip() for s in text.split("=", 1))
+        parts = dotted.split(".")
+        if len(parts) != 2 or not all(parts):
+            owner = [s for s in _SECTIONS if dotted in _FIELDS[s]]
+            hint = f"; did you mean '{owner[0]}.{dotted}'?" if owner else ""
+            self.error(COMMAND_LINE, f"override {text!r}: the key must be SECTION.KEY, e.g. train.lr{hint}")
+            return
+        section, key = parts
+        if section not in _SECTIONS:
+            self.error(COMMAND_LINE, _unknown_section(section))
+            return
+        hint = _HINTS[section].get(key)
+        value: Any
+        if hint is not None and _is_str_field(hint) and not value_text.startswith(("'", '"')):
+            # Keep a string key's text as typed ("2024" stays a string); null/~/empty unset optional keys.
+            optional = _optional_inner(hint) is not None
+            value = None if optional and value_text in ("", "null", "~", "None") else value_text
+        else:
+            try:
+                value = yaml.safe_load(value_text)
+            except yaml.YAMLError:
+                value = value_text
+        self.values[section][key] = value
+        self.origins[dotted] = COMMAND_LINE
+        self.resolve_paths(cwd, keys=[dotted])
+
+    def build(self) -> Config:
+        """Check every value, then the cross-field rules; raise ConfigError listing all problems."""
+        specs: dict[str, Any] = {}
+        bad: set[str] = set()
+        for section, cls in _SECTIONS.items():
+            kwargs: dict[str, Any] = {}
+            for key, value in self.values[section].items():
+                dotted = f"{section}.{key}"
+                if key not in _FIELDS[section]:
+                    self.error(self.origin(dotted), _unknown_key(section, key))
+                    continue
+                f = _FIELDS[section][key]
+                meta = dict(f.metadata, optional=_optional_inner(_HINTS[section][key]) is not None)
+                try:
+                    kwargs[key] = _coerce(_HINTS[section][key], value, meta)
+                except _Invalid as e:
+                    self.error(self.origin(dotted), f"{dotted}: {e}")
+                    bad.add(dotted)
+            specs[section] = cls(**kwargs)
+        cfg = Config(**specs)
+        self._cross_check(cfg, bad)
+        if self.errors:
+            raise ConfigError(self.errors)
+        return cfg
+
+    def _cross_check(self, cfg: Config, bad: set[str]) -> None:
+        for key, shipped, what in (("llm", SHIPPED_LM, "LM"), ("vision", SHIPPED_VISION, "vision tower")):
+            value = getattr(cfg.model, key)
+            if f"model.{key}" not in bad and value.startswith("shipped:") and value != shipped:
+                self.error(self.origin(f"model.{key}"), f"model.{key}: {value!r} is not a shipped part; the shipped "
+                           f"{what} is '{shipped}' (otherwise give an HF folder or hub id)")
+        t = cfg.train
+        if {"train.stage", "train.train_vision_tower", "train.cache_vision_features"} & bad:
+            return
+        if t.stage == "align" and t.train_vision_tower:
+            self.error(self.origin("train.train_vision_tower"),
+                       "train.train_vision_tower: stage 'align' trains only the bridge, so the tower cannot train; "
+                       "use stage 'sft' (with train.train_vision_tower=true) or stage 'full'")
+        elif t.trains_vision_tower and t.cache_vision_features:
+            if "cache_vision_features" not in self.values["train"]:
+                t.cache_vision_features = False  # the default: caching is only for a frozen tower
+            else:
+                why = ("stage 'full' trains it" if t.stage == "full"
+                       else "stage 'sft' with train.train_vision_tower=true trains it")
+                self.error(self.origin("train.cache_vision_features"),
+                           "train.cache_vision_features: true needs a frozen vision tower (cached features go stale "
+                           f"once the tower changes), but {why}; set train.cache_vision_features=false")
+
+
+def _resolve(value: str, base: Path, model: bool) -> str:
+    """Resolve a relative path against `base` (see load_config for the rule)."""
+    if model and value.startswith("shipped:"):
+        return value
+    path = Path(os.path.expanduser(value))
+    if path.is_absolute():
+        return str(path)
+    if model:
+        explicit = value in (".", "..") or value.startswith(("./", "../"))
+        if not (explicit or ("/" in value and (base / path).exists())):
+            return value  # a hub id such as "openai/clip-vit-large-patch14-336", or a bare name
+    return os.path.abspath(base / path)
+
+
+def config_from_dict(d: Mapping[str, Any] | None, source: str = "<dict>") -> Config:
+    """Build and validate a Config from {"model": {...}, "data": {...}, "train": {...}} (each optional).
+
+    Paths are taken as given (no resolution). `source` names the origin in error messages.
+    """
+    raw = _Raw(source)
+    raw.add_mapping(d)
+    return raw.build()
+
+
+def config_to_dict(cfg: Config) -> dict[str, dict[str, Any]]:
+    """Plain nested dict of `cfg` (YAML/JSON-safe); `config_from_dict` reads it back unchanged."""
+    return {name: dataclasses.asdict(getattr(cfg, name)) for name in _SECTIONS}
+
+
+def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> Config:
+    """Load a YAML config (or only the defaults when `path` is None), apply `overrides`, validate.
+
+    Overrides are ``section.key=value`` strings (``train.lr=3e-4``, ``data.eval=null``); the value
+    is parsed with YAML, except that string keys keep the text as typed. Later overrides win.
+
+    Path rule. Paths written in the YAML file are relative to the file's folder, so a config works
+    from any working directory; paths given as overrides are relative to the working directory.
+    Both are made absolute ("~" expands). Which keys:
+
+    - ``data.train``, ``data.image_folder``, ``data.eval``, ``train.init_from``: any relative path.
+    - ``model.llm``, ``model.vision``: ``shipped:*`` is kept; a relative path resolves when it
+      starts with ``./`` or ``../``, or contains ``/`` and exists there; anything else is kept as
+      a hub id (``openai/clip-vit-large-patch14-336``, ``gpt2``). Write ``./x`` to force a path.
+    - ``train.output_dir`` is never resolved: outputs go relative to the working directory.
+
+    Raises ConfigError naming the file (or "command line") and dotted key of every problem.
+    """
+    source = str(path) if path is not None else "<defaults>"
+    raw = _Raw(source)
+    if path is not None:
+        file = Path(path)
+        try:
+            text = file.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            raise ConfigError(f"{source}: no such config file") from None
+        except OSError as e:
+            raise ConfigError(f"{source}: cannot read the config file ({e.strerror or e})") from None
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f"{source}:{mark.line + 1}:{mark.column + 1}" if mark is not None else source
+            problem = getattr(e, "problem", None) or str(e)
+            raise ConfigError(f"{where}: not valid YAML: {problem}") from None
+        raw.add_mapping(data)
+        raw.resolve_paths(file.expanduser().absolute().parent)
+    cwd = Path.cwd()
+    for override in overrides:
+        raw.add_override(override, cwd)
+    return raw.build()
+
+
+def save_config(cfg: Config, path: str | Path) -> Path:
+    """Write `cfg` as YAML (e.g. beside a checkpoint); `load_config` reads it back.
+
+    Configs from `load_config` hold absolute input paths; a relative one saved here would, on
+    reload, resolve against the saved file's folder.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False), encoding="utf-8")
+    return path

@@ -1,0 +1,40 @@
+"""Records -> encoded training samples (token ids, assistant-only labels, image references)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from lmmkit.data.check import REASON_TOO_LONG, BadRecordCounter, BadRecordPolicy, data_error
+from lmmkit.data.collate import expand_image_tokens, fit_to_length
+from lmmkit.data.schema import ConversationRecord, DataError
+from lmmkit.data.templates import encode_conversation
+
+
+@dataclass
+class EncodedSample:
+    id: str
+    input_ids: list[int]
+    labels: list[int]
+    images: list = field(default_factory=list)  # image paths (or PIL images), one per <image>
+    where: str = ""
+
+
+def encode_records(records: Iterable[ConversationRecord], tokenizer, image_token_id: int, tokens_per_image: int,
+                   max_length: int, counter: BadRecordCounter, policy: BadRecordPolicy = "skip") -> list[EncodedSample]:
+    """Encode every record; bad or too-long ones are handled by `policy` and counted in `counter`."""
+    samples = []
+    for record in records:
+        try:
+            ids, labels = encode_conversation(tokenizer, record.messages)
+            ids, labels = expand_image_tokens(ids, labels, image_token_id, tokens_per_image)
+            fitted = fit_to_length(ids, labels, max_length, image_token_id, record.where)
+            if fitted is None:
+                raise data_error(f"{record.where}: {len(ids)} tokens exceed max_length={max_length} and cannot be "
+                                 "truncated without cutting an image's tokens or every answer; dropped",
+                                 REASON_TOO_LONG)
+        except DataError as err:
+            counter.handle(err, policy)
+            continue
+        samples.append(EncodedSample(record.id, fitted[0], fitted[1], list(record.images), record.where))
+    return samples

@@ -1,0 +1,160 @@
+"""`lmmkit demo`: the main job on the built-in default, the way real LMMs are made.
+
+ShapesWorld data -> the shipped pretrained LM and vision tower -> align (bridge only, on
+captions) -> SFT (bridge + LLM, tower frozen with cached features, on instruction
+conversations) -> POPE on held-out images with a blind control, the LM loss, a sample
+conversation -> a results table, results.json and report.html.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from lmmkit.config import config_from_dict, config_to_dict
+from lmmkit.data.shapes.generate import generate_shapes, load_scenes
+from lmmkit.data.shapes.text import SHORT_ANSWER
+from lmmkit.eval.generation import answer_questions, lm_loss
+from lmmkit.eval.report import format_table, write_report
+from lmmkit.eval.shapes import evaluate_pope
+from lmmkit.models.build import build_vlm, describe
+from lmmkit.train.features import FeatureCache, open_image
+from lmmkit.train.loop import run_stage
+from lmmkit.train.run import load_samples
+
+
+@dataclass
+class DemoSettings:
+    out: Path = Path("runs/demo")
+    seed: int = 0
+    n_train: int = 8000
+    n_test: int = 600
+    n_pope_images: int = 300
+    align_steps: int = 100
+    sft_steps: int = 400
+    batch_size: int = 64
+    align_lr: float = 2e-3
+    sft_lr: float = 1e-3
+    from_scratch: bool = False
+    lm_pretrain_steps: int = 1500
+    vision_pretrain_steps: int = 1200
+    threads: int = 0  # 0 = torch's default
+
+
+def _config(s: DemoSettings, stage: str, llm: str, vision: str, data_file: Path, init_from: str | None) -> dict:
+    cfg = config_from_dict({
+        "model": {"llm": llm, "vision": vision},
+        "data": {"train": str(data_file), "image_folder": str(s.out / "data" / "images")},
+        "train": {"stage": stage, "max_steps": s.align_steps if stage == "align" else s.sft_steps,
+                  "batch_size": s.batch_size, "lr": s.align_lr if stage == "align" else s.sft_lr,
+                  "seed": s.seed, "output_dir": str(s.out / stage), "init_from": init_from},
+    }, source="lmmkit demo")
+    return config_to_dict(cfg)
+
+
+def _data_uri(image) -> str:
+    buf = io.BytesIO()
+    open_image(image).resize((192, 192), 0).save(buf, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def run_demo(s: DemoSettings) -> dict:
+    if s.threads:
+        torch.set_num_threads(s.threads)
+    timings: dict[str, float] = {}
+    t0 = time.time()
+
+    def lap(name: str, since: float) -> float:
+        timings[name] = round(time.time() - since, 1)
+        return time.time()
+
+    t = time.time()
+    generate_shapes(s.out / "data", seed=s.seed, n_train=s.n_train, n_test=s.n_test,
+                           n_pope_images=s.n_pope_images)
+    data_dir = s.out / "data"
+    t = lap("generate data", t)
+
+    llm, vision = "shipped:lm", "shipped:vision"
+    if s.from_scratch:
+        from lmmkit.train.pretrain_lm import pretrain_lm
+        from lmmkit.train.pretrain_vision import pretrain_vision
+
+        pretrain_vision(s.out / "parts" / "vision", steps=s.vision_pretrain_steps, seed=s.seed)
+        t = lap("pretrain vision", t)
+        pretrain_lm(s.out / "parts" / "lm", steps=s.lm_pretrain_steps, seed=s.seed)
+        t = lap("pretrain lm", t)
+        llm, vision = str(s.out / "parts" / "lm"), str(s.out / "parts" / "vision")
+
+    model = build_vlm(llm, vision, seed=s.seed)
+    print(f"model: {describe(model)}; {model.tokens_per_image} visual tokens per image")
+    images = data_dir / "images"
+    captions, bad_c = load_samples(model, data_dir / "train" / "captions.json", images, 512)
+    convs, bad_s = load_samples(model, data_dir / "train" / "conversations.json", images, 512)
+    test_convs, bad_t = load_samples(model, data_dir / "test" / "conversations.json", images, 512)
+    t = lap("load + tokenize", t)
+
+    cache = FeatureCache()
+    cache.fill(model, [im for smp in convs + test_convs for im in smp.images], desc="encode images (frozen tower)")
+    t = lap("encode images", t)
+
+    stages = []
+    align_cfg = _config(s, "align", llm, vision, data_dir / "train" / "captions.json", None)
+    r = run_stage(model, captions, stage="align", output_dir=s.out / "align", config=align_cfg,
+                  batch_size=s.batch_size, lr=s.align_lr, max_steps=s.align_steps, seed=s.seed, cache=cache)
+    stages.append(r)
+    t = lap("align", t)
+    sft_cfg = _config(s, "sft", llm, vision, data_dir / "train" / "conversations.json", str(r.checkpoint))
+    r = run_stage(model, convs, stage="sft", output_dir=s.out / "sft", config=sft_cfg,
+                  batch_size=s.batch_size, lr=s.sft_lr, max_steps=s.sft_steps, seed=s.seed, cache=cache)
+    stages.append(r)
+    t = lap("sft", t)
+
+    model.eval()
+    pope = {"model": evaluate_pope(model, data_dir, cache=cache),
+            "blind control (blank image)": evaluate_pope(model, data_dir, blind=True, cache=cache)}
+    t = lap("eval pope", t)
+    loss = lm_loss(model, test_convs, cache=cache)
+    t = lap("eval lm loss", t)
+
+    scene = load_scenes(data_dir / "test" / "scenes.jsonl")[0]
+    image = images / "test" / f"{scene.id}.png"
+    absent = next(c for c in ("red circle", "blue square", "green star", "yellow triangle") if c not in scene.names)
+    questions = ["Describe the image in detail.", f"Is there a {scene.names[0]} in the image?\n{SHORT_ANSWER}",
+                 f"Is there a {absent} in the image?\n{SHORT_ANSWER}", "How many objects are there?"]
+    answers = answer_questions(model, [(image, q) for q in questions], cache=cache, max_new_tokens=64,
+                               progress=False)
+    conversation = [m for q, a in zip(questions, answers, strict=True)
+                    for m in ({"role": "user", "content": q}, {"role": "assistant", "content": a})]
+    timings["total"] = round(time.time() - t0, 1)
+
+    results = {
+        "pope": pope,
+        "targets": {"pope_f1": 0.95, "yes_ratio": [0.45, 0.55]},
+        "lm_loss": {k: round(v, 4) if isinstance(v, float) else v for k, v in loss.items()},
+        "stages": [{"name": x.stage, "steps": x.steps, "final_loss": round(x.final_loss, 4),
+                    "seconds": round(x.seconds, 1), "tokens_per_second": round(x.tokens_per_second),
+                    "checkpoint": str(x.checkpoint)} for x in stages],
+        "loss_curves": {x.stage: [[a, round(b, 4)] for a, b in x.losses] for x in stages},
+        "timings": timings,
+        "sample": {"image": _data_uri(image), "truth": scene.names, "conversation": conversation},
+        "data": {"train_images": s.n_train, "test_images": s.n_test, "pope_images": s.n_pope_images,
+                 "bad_records": bad_c.total + bad_s.total + bad_t.total, "folder": str(data_dir)},
+        "parts": {"llm": llm, "vision": vision, "from_scratch": s.from_scratch},
+        "settings": {k: str(v) for k, v in vars(s).items()},
+    }
+    paths = write_report(results, s.out / "report", title="lmmkit demo: ShapesWorld")
+    print()
+    print(format_table(results))
+    print(f"LM loss on held-out conversations (answer tokens): {loss['loss']:.4f} (perplexity {loss['perplexity']:.3f})")
+    print("\nSample conversation about a held-out image (truth: " + ", ".join(scene.names) + ")")
+    for m in conversation:
+        print(f"  {m['role']:>9}: {m['content']}")
+    print("\ntimings (s): " + ", ".join(f"{k} {v}" for k, v in timings.items()))
+    print(f"report: {paths[1]}\nscores: {paths[0]}")
+    return results
+

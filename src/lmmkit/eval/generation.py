@@ -1,0 +1,66 @@
+"""Batched question answering for evaluation: each image encoded once, prompts left-padded."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from tqdm import tqdm
+
+from lmmkit import IMAGE_TOKEN
+from lmmkit.data.collate import expand_image_tokens, pad_batch
+from lmmkit.data.dataset import EncodedSample
+from lmmkit.data.schema import Message
+from lmmkit.data.templates import encode_prompt
+from lmmkit.models.vlm import VisionLanguageModel
+from lmmkit.train.features import FeatureCache
+from lmmkit.train.loop import make_batch
+
+
+def prompt_ids(model: VisionLanguageModel, question: str, with_image: bool = True) -> list[int]:
+    content = f"{IMAGE_TOKEN}\n{question}" if with_image else question
+    ids = encode_prompt(model.tokenizer, [Message("user", content)])
+    ids, _ = expand_image_tokens(ids, ids, model.image_token_id, model.tokens_per_image)
+    return ids
+
+
+def answer_questions(model: VisionLanguageModel, items: Sequence[tuple[object, str]], batch_size: int = 128,
+                     max_new_tokens: int = 16, cache: FeatureCache | None = None, desc: str = "answer",
+                     progress: bool = True) -> list[str]:
+    """Greedy answers to (image, question) pairs. Images (paths or PIL) are encoded once each."""
+    model.eval()
+    cache = cache if cache is not None else FeatureCache()
+    cache.fill(model, [im for im, _ in items])
+    answers: list[str] = []
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        for i in tqdm(range(0, len(items), batch_size), desc=desc, unit="batch", disable=not progress,
+                      total=math.ceil(len(items) / batch_size)):
+            chunk = items[i:i + batch_size]
+            ids = [prompt_ids(model, q) for _, q in chunk]
+            batch = pad_batch([(x, x) for x in ids], model.tokenizer.pad_token_id, side="left")
+            out = model.generate(batch["input_ids"], batch["attention_mask"],
+                                 vision_features=cache.stack([im for im, _ in chunk]), max_new_tokens=max_new_tokens)
+            answers += [model.tokenizer.decode(t, skip_special_tokens=True).strip() for t in out]
+    return answers
+
+
+def lm_loss(model: VisionLanguageModel, samples: Sequence[EncodedSample], batch_size: int = 64,
+            cache: FeatureCache | None = None) -> dict:
+    """Mean token cross-entropy on answer tokens only, and perplexity (the seed paper's LM metric)."""
+    model.eval()
+    cache = cache if cache is not None else FeatureCache()
+    cache.fill(model, [im for s in samples for im in s.images])
+    total, count = 0.0, 0
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        for i in range(0, len(samples), batch_size):
+            batch = make_batch(model, list(samples[i:i + batch_size]), cache, model.tokenizer.pad_token_id)
+            labels = batch.pop("labels")
+            logits = model(**batch).logits.float()
+            shift_logits, shift_labels = logits[:, :-1], labels[:, 1:]
+            mask = shift_labels != -100
+            ce = torch.nn.functional.cross_entropy(shift_logits[mask], shift_labels[mask], reduction="sum")
+            total += ce.item()
+            count += int(mask.sum())
+    mean = total / max(1, count)
+    return {"loss": mean, "perplexity": math.exp(mean), "tokens": count}

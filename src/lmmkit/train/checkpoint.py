@@ -1,0 +1,97 @@
+"""Checkpoints: what trained, as safetensors per part, plus optimizer state; written atomically.
+
+A checkpoint folder holds `lmmkit_config.json` (the full config that made it), one
+`<part>.safetensors` per part that trained (bridge, llm, vision), `trainer_state.json`, and
+`optimizer.pt` for resuming. It is written to a temporary folder and renamed into place, so a
+kill mid-write never leaves a half checkpoint that --resume would pick up. A model is rebuilt
+from a checkpoint by building the base parts named in its config, applying the checkpoint it
+was initialised from (`train.init_from`), then its own trained parts.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_model, save_model
+
+from lmmkit.models.vlm import VisionLanguageModel
+
+CONFIG_FILE = "lmmkit_config.json"
+STATE_FILE = "trainer_state.json"
+OPTIMIZER_FILE = "optimizer.pt"
+PARTS = ("vision", "bridge", "llm")
+
+
+def save_checkpoint(path: Path, model: VisionLanguageModel, parts: tuple[str, ...], config: dict, state: dict,
+                    optimizer: torch.optim.Optimizer | None = None, scheduler=None) -> Path:
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    for part in parts:
+        save_model(getattr(model, part), str(tmp / f"{part}.safetensors"))
+    (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2))
+    (tmp / STATE_FILE).write_text(json.dumps({**state, "parts": list(parts)}, indent=2))
+    if optimizer is not None:
+        torch.save({"optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict() if scheduler is not None else None}, tmp / OPTIMIZER_FILE)
+    model.tokenizer.save_pretrained(tmp / "tokenizer")
+    old = path.with_name(f".{path.name}.old")
+    if path.exists():
+        os.replace(path, old)
+    os.replace(tmp, path)
+    if old.exists():
+        shutil.rmtree(old)
+    return path
+
+
+def read_state(path: Path) -> dict:
+    return json.loads((Path(path) / STATE_FILE).read_text())
+
+
+def read_config(path: Path) -> dict:
+    return json.loads((Path(path) / CONFIG_FILE).read_text())
+
+
+def load_trained_parts(model: VisionLanguageModel, path: Path) -> list[str]:
+    """Load the parts a checkpoint saved into `model` (strict per part)."""
+    parts = read_state(path)["parts"]
+    for part in parts:
+        missing, unexpected = load_model(getattr(model, part), str(Path(path) / f"{part}.safetensors"), strict=True)
+    return parts
+
+
+def latest_checkpoint(output_dir: Path) -> Path | None:
+    """The checkpoint with the highest step in output_dir (`checkpoint-<step>` or `final`)."""
+    output_dir = Path(output_dir)
+    if not output_dir.exists():
+        return None
+    found = [p for p in output_dir.iterdir() if p.is_dir() and p.name.startswith("checkpoint-")
+             and (p / STATE_FILE).exists()]
+    if not found:
+        return None
+    return max(found, key=lambda p: read_state(p)["step"])
+
+
+def load_model(path: str | Path) -> VisionLanguageModel:
+    """Rebuild a trained model from a checkpoint folder (following its init_from chain)."""
+    from lmmkit.models.build import build_vlm
+
+    path = Path(path)
+    if not (path / CONFIG_FILE).exists():
+        raise FileNotFoundError(f"{path}: not an lmmkit checkpoint (no {CONFIG_FILE})")
+    config = read_config(path)
+    chain = [path]
+    while chain[-1] and read_config(chain[-1])["train"].get("init_from"):
+        chain.append(Path(read_config(chain[-1])["train"]["init_from"]))
+    m = config["model"]
+    model = build_vlm(m["llm"], m["vision"], m["vision_select_layer"], m["vision_drop_cls"], m["bridge_layers"])
+    for ckpt in reversed(chain):
+        load_trained_parts(model, ckpt)
+    model.eval()
+    return model

@@ -1,0 +1,48 @@
+"""Cache of vision-tower features: with a frozen tower, each image is encoded once, not every epoch."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from PIL import Image
+from tqdm import tqdm
+
+from lmmkit.data.images import load_image
+from lmmkit.models.vlm import VisionLanguageModel
+
+
+def image_key(image) -> str:
+    return str(image) if isinstance(image, (str, Path)) else f"pil:{id(image)}"
+
+
+def open_image(image, where: str = "") -> Image.Image:
+    return image if isinstance(image, Image.Image) else load_image(Path(image), where or str(image))
+
+
+class FeatureCache:
+    """Tower features (bf16, on CPU) keyed by image path. Valid only while the tower is frozen."""
+
+    def __init__(self) -> None:
+        self.features: dict[str, torch.Tensor] = {}
+
+    def __len__(self) -> int:
+        return len(self.features)
+
+    def fill(self, model: VisionLanguageModel, images: Sequence, batch_size: int = 256, desc: str = "encode images",
+             autocast: bool = True) -> None:
+        """Encode every image not cached yet, in batches, under no_grad."""
+        todo = list(dict.fromkeys(image_key(im) for im in images if image_key(im) not in self.features))
+        by_key = {image_key(im): im for im in images}
+        model.vision.eval()
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            for i in tqdm(range(0, len(todo), batch_size), desc=desc, unit="batch", disable=len(todo) <= batch_size):
+                keys = todo[i:i + batch_size]
+                pixels = model.vision.preprocess([open_image(by_key[k]) for k in keys])
+                feats = model.vision_features(pixels).to(torch.bfloat16)
+                for k, f in zip(keys, feats, strict=True):
+                    self.features[k] = f.clone()
+
+    def stack(self, images: Sequence) -> torch.Tensor:
+        return torch.stack([self.features[image_key(im)] for im in images])

@@ -1,0 +1,166 @@
+"""The training loop: one stage over encoded samples, launched through accelerate.
+
+AdamW, linear warmup + cosine decay, gradient accumulation, bf16 autocast or fp32, gradient
+clipping, atomic checkpoints, exact resume (same data order), a progress bar with loss,
+tokens/s and ETA, and metrics as JSON lines. `accelerate launch` runs it on several processes
+unchanged: each process takes its share of every batch.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from tqdm import tqdm
+from transformers import get_cosine_schedule_with_warmup
+
+from lmmkit.data.collate import pad_batch
+from lmmkit.data.dataset import EncodedSample
+from lmmkit.models.vlm import VisionLanguageModel
+from lmmkit.train.checkpoint import latest_checkpoint, load_trained_parts, read_state, save_checkpoint
+from lmmkit.train.features import FeatureCache, open_image
+from lmmkit.train.stages import apply_stage, trainable_parts
+
+
+@dataclass
+class StageResult:
+    stage: str
+    steps: int
+    seconds: float
+    final_loss: float
+    tokens_per_second: float
+    checkpoint: Path | None
+    losses: list[tuple[int, float]] = field(default_factory=list)
+
+
+def batch_order(n_samples: int, batch_size: int, seed: int, epoch: int, lengths: list[int],
+                group: int = 32) -> list[list[int]]:
+    """Deterministic batches for one epoch: shuffle, sort by length within groups of `group` batches
+    (less padding), then shuffle the batches. A function of (seed, epoch) only, so resume is exact."""
+    g = torch.Generator().manual_seed(seed * 1000 + epoch)
+    perm = torch.randperm(n_samples, generator=g).tolist()
+    batches: list[list[int]] = []
+    chunk = batch_size * group
+    for i in range(0, n_samples, chunk):
+        block = sorted(perm[i:i + chunk], key=lambda j: lengths[j])
+        batches += [block[k:k + batch_size] for k in range(0, len(block), batch_size)]
+    order = torch.randperm(len(batches), generator=g).tolist()
+    return [batches[k] for k in order if len(batches[k]) == batch_size or len(batches) == 1]
+
+
+def make_batch(model: VisionLanguageModel, samples: list[EncodedSample], cache: FeatureCache | None,
+               pad_id: int) -> dict:
+    batch = pad_batch([(s.input_ids, s.labels) for s in samples], pad_id)
+    images = [im for s in samples for im in s.images]
+    if images:
+        if cache is not None:
+            batch["vision_features"] = cache.stack(images)
+        else:
+            batch["pixel_values"] = model.vision.preprocess([open_image(im, s.where) for s in samples
+                                                             for im in s.images])
+    batch["sample_ids"] = [s.id for s in samples]
+    return batch
+
+
+def run_stage(model: VisionLanguageModel, samples: list[EncodedSample], *, stage: str, output_dir: Path,
+              config: dict, batch_size: int = 16, grad_accum: int = 1, lr: float = 1e-3, max_steps: int = 0,
+              epochs: float = 1.0, warmup_ratio: float = 0.03, weight_decay: float = 0.0,
+              max_grad_norm: float = 1.0, precision: str = "bf16", seed: int = 0, save_every: int = 0,
+              log_every: int = 10, train_vision_tower: bool = False, cache: FeatureCache | None = None,
+              resume: bool = False, progress: bool = True) -> StageResult:
+    """Train `model` in place on `samples` for one stage; checkpoints go to output_dir/checkpoint-<step>."""
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    accelerator = Accelerator(mixed_precision="bf16" if precision == "bf16" else "no",
+                              gradient_accumulation_steps=grad_accum)
+    parts = trainable_parts(stage, train_vision_tower)
+    apply_stage(model, stage, train_vision_tower, verbose=accelerator.is_main_process and progress)
+    if cache is not None and "vision" in parts:
+        raise ValueError("cached vision features need a frozen tower, but this stage trains it")
+
+    world, rank = accelerator.num_processes, accelerator.process_index
+    lengths = [len(s.input_ids) for s in samples]
+    global_batch = batch_size * world
+    batches_per_epoch = len(samples) // global_batch
+    if batches_per_epoch == 0:
+        raise ValueError(f"{len(samples)} samples are fewer than one batch of {global_batch}")
+    steps = max_steps or max(1, math.ceil(epochs * batches_per_epoch / grad_accum))
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    scheduler = get_cosine_schedule_with_warmup(optimizer, int(warmup_ratio * steps), steps)
+    start_step = 0
+    if resume and (ckpt := latest_checkpoint(output_dir)) is not None:
+        load_trained_parts(model, ckpt)
+        opt_state = torch.load(ckpt / "optimizer.pt", weights_only=False)
+        optimizer.load_state_dict(opt_state["optimizer"])
+        scheduler.load_state_dict(opt_state["scheduler"])
+        start_step = read_state(ckpt)["step"]
+        if accelerator.is_main_process:
+            print(f"resuming {stage} from {ckpt} at step {start_step}/{steps}")
+    wrapped, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+
+    metrics_path = output_dir / "metrics.jsonl"
+    losses: list[tuple[int, float]] = []
+    pad_id = model.tokenizer.pad_token_id
+    micro = start_step * grad_accum  # micro-batches already consumed: resume continues the same order
+    start = time.time()
+    tokens_seen = 0
+    loss_value = float("nan")
+    bar = tqdm(total=steps, initial=start_step, desc=stage, unit="step", disable=not (progress and accelerator.is_main_process))
+    step = start_step
+    epoch_cache: dict[int, list[list[int]]] = {}
+    with metrics_path.open("a") as metrics:
+        while step < steps:
+            window_loss = 0.0
+            for _ in range(grad_accum):
+                epoch, index = divmod(micro, batches_per_epoch)
+                if epoch not in epoch_cache:
+                    epoch_cache = {epoch: batch_order(len(samples), global_batch, seed, epoch, lengths)}
+                ids = epoch_cache[epoch][index][rank::world]
+                batch = make_batch(model, [samples[i] for i in ids], cache, pad_id)
+                batch = {k: v.to(accelerator.device) if torch.is_tensor(v) else v for k, v in batch.items()}
+                with accelerator.accumulate(wrapped), accelerator.autocast():
+                    loss = wrapped(**batch).loss
+                    accelerator.backward(loss)
+                    if accelerator.sync_gradients and max_grad_norm > 0:
+                        accelerator.clip_grad_norm_(params, max_grad_norm)
+                    optimizer.step()
+                    scheduler.step()
+                    optimizer.zero_grad(set_to_none=True)
+                window_loss += loss.item() / grad_accum
+                tokens_seen += int(batch["attention_mask"].sum()) * world
+                micro += 1
+            step += 1
+            loss_value = window_loss
+            losses.append((step, loss_value))
+            rate = tokens_seen / max(1e-9, time.time() - start)
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss_value:.4f}", tok_s=f"{rate:,.0f}")
+            if accelerator.is_main_process and (step % log_every == 0 or step == steps):
+                metrics.write(json.dumps({"stage": stage, "step": step, "loss": round(loss_value, 5),
+                                          "lr": scheduler.get_last_lr()[0], "tokens_per_second": round(rate, 1),
+                                          "elapsed": round(time.time() - start, 2)}) + "\n")
+                metrics.flush()
+            if save_every and step % save_every == 0 and step < steps:
+                _save(accelerator, model, parts, output_dir / f"checkpoint-{step}", config, stage, step, steps,
+                      optimizer, scheduler)
+    bar.close()
+    final = _save(accelerator, model, parts, output_dir / f"checkpoint-{step}", config, stage, step, steps,
+                  optimizer, scheduler)
+    seconds = time.time() - start
+    return StageResult(stage, steps, seconds, loss_value, tokens_seen / max(1e-9, seconds), final, losses)
+
+
+def _save(accelerator: Accelerator, model: VisionLanguageModel, parts: tuple[str, ...], path: Path, config: dict,
+          stage: str, step: int, steps: int, optimizer, scheduler) -> Path | None:
+    accelerator.wait_for_everyone()
+    if not accelerator.is_main_process:
+        return None
+    state = {"stage": stage, "step": step, "total_steps": steps}
+    return save_checkpoint(path, model, parts, config, state, optimizer, scheduler)

@@ -1,0 +1,135 @@
+"""Pretrain the tiny ShapesWorld language model, text only.
+
+The LM reads symbolic scene descriptions ("scene: red circle top left; blue square right.")
+where the VLM will later see the image, followed by the same questions and answers the VLM is
+fine-tuned on. So before it ever sees an image, the LM knows how to answer about a scene it is
+told; the bridge then only has to make image features read like that description.
+Measured here: an untrained LM inside the VLM binds question words to image tokens far too
+slowly for a minutes-long demo.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+from lmmkit.data.collate import pad_batch
+from lmmkit.data.schema import Message
+from lmmkit.data.shapes.text import caption_conversation, conversation, symbolic_scene
+from lmmkit.data.shapes.world import Scene, World
+from lmmkit.data.templates import encode_conversation, encode_prompt
+from lmmkit.models.tokenizer import train_tokenizer
+
+
+def tiny_lm_config(vocab_size: int, pad_token_id: int, eos_token_id: int) -> LlamaConfig:
+    return LlamaConfig(vocab_size=vocab_size, hidden_size=128, intermediate_size=512, num_hidden_layers=4,
+                       num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=512,
+                       tie_word_embeddings=True, pad_token_id=pad_token_id, eos_token_id=eos_token_id,
+                       bos_token_id=None, rope_theta=10000.0)
+
+
+def symbolic_conversation(rng: random.Random, world: World, scene: Scene) -> list[Message]:
+    """One training document: the scene told in words, then questions about it."""
+    if rng.random() < 0.2:
+        return caption_conversation(rng, scene, image_slot=symbolic_scene(scene))
+    return conversation(rng, world, scene, turns=rng.randint(1, 4), image_slot=symbolic_scene(scene))
+
+
+@dataclass
+class LMPretrainResult:
+    steps: int
+    seconds: float
+    final_loss: float
+    existence_f1: float  # yes/no existence questions about held-out symbolic scenes
+
+
+def existence_f1(model: LlamaForCausalLM, tok: PreTrainedTokenizerFast, world: World, n: int = 400,
+                 seed: int = 99) -> float:
+    """F1 of greedy first-token Yes/No answers on held-out symbolic scenes (yes = positive)."""
+    from lmmkit.data.shapes.text import QUESTION_KINDS
+
+    rng = random.Random(seed)
+    only_existence = {"existence": QUESTION_KINDS["existence"]}
+    prompts, truth = [], []
+    for k in range(n):
+        scene = world.sample_scene(rng, f"h{k}", held_out=True, min_objects=3)
+        msgs = conversation(rng, world, scene, 1, image_slot=symbolic_scene(scene), kinds=only_existence)
+        prompts.append(encode_prompt(tok, msgs[:1]))
+        truth.append(msgs[1].content.lower().startswith("yes"))
+    yes_id = tok.convert_tokens_to_ids(tok.tokenize("Yes"))[0]
+    no_id = tok.convert_tokens_to_ids(tok.tokenize("No"))[0]
+    model.eval()
+    preds = []
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        for i in range(0, n, 128):
+            batch = pad_batch([(p, p) for p in prompts[i:i + 128]], tok.pad_token_id, side="left")
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, -1]
+            preds += (logits[:, yes_id] > logits[:, no_id]).tolist()
+    model.train()
+    tp = sum(p and t for p, t in zip(preds, truth))
+    fp = sum(p and not t for p, t in zip(preds, truth))
+    fn = sum(t and not p for p, t in zip(preds, truth))
+    return 2 * tp / max(1, 2 * tp + fp + fn)
+
+
+def pretrain_lm(out: Path, steps: int = 2000, batch_size: int = 64, lr: float = 3e-3, seed: int = 0,
+                vocab_size: int = 768) -> LMPretrainResult:
+    """Train tokenizer + LM on symbolic ShapesWorld text; save an HF folder (model + tokenizer)."""
+    world = World()
+    rng = random.Random(seed)
+    torch.manual_seed(seed)
+    tok_docs = [symbolic_conversation(rng, world, world.sample_scene(rng, f"t{k}", held_out=False))
+                for k in range(3000)]
+    tok = train_tokenizer(_chat_texts(tok_docs), vocab_size=vocab_size)
+    model = LlamaForCausalLM(tiny_lm_config(len(tok), tok.pad_token_id, tok.eos_token_id))
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.05)
+    start = time.time()
+    loss_value = float("nan")
+    bar = tqdm(range(steps), desc="pretrain lm", unit="step")
+    pending: list[list[tuple[list[int], list[int]]]] = []
+    for step in bar:
+        if not pending:
+            pending = _length_grouped_batches(rng, world, tok, batch_size, step)
+        batch = pad_batch(pending.pop(), tok.pad_token_id)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = model(**batch).loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        loss_value = loss.item()
+        bar.set_postfix(loss=f"{loss_value:.3f}")
+    f1 = existence_f1(model, tok, world)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return LMPretrainResult(steps, time.time() - start, loss_value, f1)
+
+
+def _length_grouped_batches(rng: random.Random, world: World, tok: PreTrainedTokenizerFast, batch_size: int,
+                            step: int, group: int = 16) -> list[list[tuple[list[int], list[int]]]]:
+    """Draw `group` batches of documents at once and batch similar lengths together (less padding)."""
+    docs = [encode_conversation(tok, symbolic_conversation(rng, world, world.sample_scene(rng, f"s{step}-{k}", False)))
+            for k in range(batch_size * group)]
+    docs.sort(key=lambda d: len(d[0]))
+    batches = [docs[i:i + batch_size] for i in range(0, len(docs), batch_size)]
+    rng.shuffle(batches)
+    return batches
+
+
+def _chat_texts(docs: list[list[Message]]) -> list[str]:
+    from lmmkit.models.tokenizer import CHAT_TEMPLATE  # noqa: F401  (the corpus is rendered with it)
+
+    texts = []
+    for msgs in docs:
+        for m in msgs:
+            texts.append(f"<|im_start|>{m.role}\n{m.content}<|im_end|>\n")
+    return texts

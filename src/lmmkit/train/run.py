@@ -1,0 +1,49 @@
+"""`lmmkit train --config C`: build the model a config names, load its data, run its stage."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from lmmkit.config import Config, config_to_dict
+from lmmkit.data.check import BadRecordCounter
+from lmmkit.data.dataset import EncodedSample, encode_records
+from lmmkit.data.formats.llava import read_llava
+from lmmkit.models.build import build_from_spec
+from lmmkit.models.vlm import VisionLanguageModel
+from lmmkit.train.checkpoint import load_model
+from lmmkit.train.features import FeatureCache
+from lmmkit.train.loop import StageResult, run_stage
+from lmmkit.train.stages import trainable_parts
+
+
+def load_samples(model: VisionLanguageModel, path: str | Path, image_folder: str | Path | None, max_length: int,
+                 policy: str = "skip") -> tuple[list[EncodedSample], BadRecordCounter]:
+    """Read a LLaVA JSON / JSONL file and encode it; bad records are counted (or raise, under 'stop')."""
+    counter = BadRecordCounter()
+    records = read_llava(Path(path), Path(image_folder) if image_folder else None, policy=policy, counter=counter)
+    samples = encode_records(records, model.tokenizer, model.image_token_id, model.tokens_per_image, max_length,
+                             counter, policy)
+    return samples, counter
+
+
+def train_from_config(cfg: Config, resume: bool = False) -> StageResult:
+    t = cfg.train
+    if not cfg.data.train:
+        raise ValueError("data.train is not set: name a LLaVA JSON / JSONL file to train on")
+    model = load_model(t.init_from) if t.init_from else build_from_spec(cfg.model, seed=t.seed)
+    model.train()
+    samples, counter = load_samples(model, cfg.data.train, cfg.data.image_folder, cfg.data.max_length,
+                                    cfg.data.bad_records)
+    print(f"{cfg.data.train}: {len(samples)} samples; {counter.summary()}")
+    frozen_tower = "vision" not in trainable_parts(t.stage, t.train_vision_tower)
+    cache = None
+    if t.cache_vision_features and frozen_tower:
+        cache = FeatureCache()
+        cache.fill(model, [im for s in samples for im in s.images])
+    return run_stage(
+        model, samples, stage=t.stage, output_dir=Path(t.output_dir), config=config_to_dict(cfg),
+        batch_size=t.batch_size, grad_accum=t.grad_accum, lr=t.lr, max_steps=t.max_steps, epochs=t.epochs,
+        warmup_ratio=t.warmup_ratio, weight_decay=t.weight_decay, max_grad_norm=t.max_grad_norm,
+        precision=t.precision, seed=t.seed, save_every=t.save_every, log_every=t.log_every,
+        train_vision_tower=t.train_vision_tower, cache=cache, resume=resume,
+    )
