@@ -191,6 +191,6 @@ def test_example_configs_load(name: str) -> None:
     assert cfg.train.stage in ("sft", "align")
     if name == "demo.yaml":
         assert cfg.model.llm == "shipped:lm"
-        assert cfg.data.train == str(REPO / "runs" / "demo" / "data" / "train.json")
+        assert cfg.data.train == str(REPO / "runs" / "demo" / "data" / "train" / "conversations.json")
     else:
         assert cfg.model.vision_select_layer == -2

@@ -40,8 +40,10 @@ class DemoSettings:
     batch_size: int = 64
     align_lr: float = 2e-3
     sft_lr: float = 1e-3
-    from_scratch: bool = False
-    lm_pretrain_steps: int = 1500
+    llm: str = "shipped:lm"
+    vision: str = "shipped:vision"
+    from_scratch: bool = False  # pretrain the LM and tower first, instead of using llm / vision
+    lm_pretrain_steps: int = 2000
     vision_pretrain_steps: int = 1200
     threads: int = 0  # 0 = torch's default
 
@@ -79,7 +81,7 @@ def run_demo(s: DemoSettings) -> dict:
     data_dir = s.out / "data"
     t = lap("generate data", t)
 
-    llm, vision = "shipped:lm", "shipped:vision"
+    llm, vision = s.llm, s.vision
     if s.from_scratch:
         from lmmkit.train.pretrain_lm import pretrain_lm
         from lmmkit.train.pretrain_vision import pretrain_vision
@@ -122,7 +124,7 @@ def run_demo(s: DemoSettings) -> dict:
     t = lap("eval lm loss", t)
 
     scene = load_scenes(data_dir / "test" / "scenes.jsonl")[0]
-    image = images / "test" / f"{scene.id}.png"
+    image = images / scene.extra["image"]
     absent = next(c for c in ("red circle", "blue square", "green star", "yellow triangle") if c not in scene.names)
     questions = ["Describe the image in detail.", f"Is there a {scene.names[0]} in the image?\n{SHORT_ANSWER}",
                  f"Is there a {absent} in the image?\n{SHORT_ANSWER}", "How many objects are there?"]

@@ -22,6 +22,8 @@ from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
+from lmmkit.data.english import article
+
 SPLITS: tuple[str, ...] = ("random", "popular", "adversarial")
 N_POSITIVES = 3
 OFFICIAL_KEYS: tuple[str, ...] = ("question_id", "image", "text", "label")
@@ -29,35 +31,6 @@ OFFICIAL_KEYS: tuple[str, ...] = ("question_id", "image", "text", "label")
 # --------------------------------------------------------------------------------------------
 # Building the question sets
 # --------------------------------------------------------------------------------------------
-
-# Words that start with a vowel letter but a consonant sound ("a unicorn", "a one-way sign"),
-# and words that start with a silent h ("an hour").
-_CONSONANT_SOUND_PREFIXES = (
-    "uni",
-    "use",
-    "usu",
-    "uten",
-    "uku",
-    "ura",
-    "ure",
-    "uro",
-    "eu",
-    "ewe",
-    "one",
-    "once",
-)
-_SILENT_H_PREFIXES = ("hour", "honest", "honor", "honour", "heir")
-
-
-def article(noun: str) -> str:
-    """Return "an" if `noun` starts with a vowel sound, else "a" (a small English heuristic)."""
-    word = noun.strip().lower()
-    if word.startswith(_SILENT_H_PREFIXES):
-        return "an"
-    if word.startswith(_CONSONANT_SOUND_PREFIXES):
-        return "a"
-    return "an" if word[:1] in ("a", "e", "i", "o", "u") else "a"
-
 
 def question_text(obj: str) -> str:
     """The POPE question for one object: "Is there a/an {obj} in the image?"."""

@@ -25,7 +25,9 @@ def load_language_model(path: str | Path) -> tuple[PreTrainedModel, PreTrainedTo
         )
     if IMAGE_TOKEN not in tokenizer.get_vocab():
         tokenizer.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]})
-        model.resize_token_embeddings(len(tokenizer))
+        # Some models pad their embedding matrix beyond the tokenizer (Qwen): only ever grow it.
+        if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
+            model.resize_token_embeddings(len(tokenizer))
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer

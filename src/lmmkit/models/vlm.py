@@ -115,7 +115,7 @@ class VisionLanguageModel(nn.Module):
         done = torch.zeros(batch, dtype=torch.bool)
         new_tokens: list[list[int]] = [[] for _ in range(batch)]
         next_pos = position_ids[:, -1:] + 1
-        for _ in range(max_new_tokens):
+        for step in range(max_new_tokens):
             logits = out.logits[:, -1].float()
             token = _pick(logits, temperature, top_p, generator)
             for i in range(batch):
@@ -124,7 +124,7 @@ class VisionLanguageModel(nn.Module):
                         done[i] = True
                     else:
                         new_tokens[i].append(token[i].item())
-            if bool(done.all()):
+            if bool(done.all()) or step == max_new_tokens - 1:
                 break
             mask = torch.cat([mask, torch.ones(batch, 1, dtype=mask.dtype)], dim=1)
             out = self.llm(input_ids=token.unsqueeze(1), attention_mask=mask, position_ids=next_pos,

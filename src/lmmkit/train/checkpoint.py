@@ -16,7 +16,8 @@ import shutil
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_model, save_model
+from safetensors.torch import load_model as load_safetensors
+from safetensors.torch import save_model
 
 from lmmkit.models.vlm import VisionLanguageModel
 
@@ -62,7 +63,7 @@ def load_trained_parts(model: VisionLanguageModel, path: Path) -> list[str]:
     """Load the parts a checkpoint saved into `model` (strict per part)."""
     parts = read_state(path)["parts"]
     for part in parts:
-        missing, unexpected = load_model(getattr(model, part), str(Path(path) / f"{part}.safetensors"), strict=True)
+        load_safetensors(getattr(model, part), str(Path(path) / f"{part}.safetensors"), strict=True)
     return parts
 
 
@@ -78,17 +79,26 @@ def latest_checkpoint(output_dir: Path) -> Path | None:
     return max(found, key=lambda p: read_state(p)["step"])
 
 
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A checkpoint folder, or a run's output folder (-> its latest checkpoint)."""
+    path = Path(path)
+    if (path / CONFIG_FILE).exists():
+        return path
+    latest = latest_checkpoint(path)
+    if latest is None:
+        raise FileNotFoundError(f"{path}: not an lmmkit checkpoint (no {CONFIG_FILE}) nor a run folder holding one")
+    return latest
+
+
 def load_model(path: str | Path) -> VisionLanguageModel:
-    """Rebuild a trained model from a checkpoint folder (following its init_from chain)."""
+    """Rebuild a trained model from a checkpoint (or run) folder, following its init_from chain."""
     from lmmkit.models.build import build_vlm
 
-    path = Path(path)
-    if not (path / CONFIG_FILE).exists():
-        raise FileNotFoundError(f"{path}: not an lmmkit checkpoint (no {CONFIG_FILE})")
+    path = resolve_checkpoint(path)
     config = read_config(path)
     chain = [path]
-    while chain[-1] and read_config(chain[-1])["train"].get("init_from"):
-        chain.append(Path(read_config(chain[-1])["train"]["init_from"]))
+    while init_from := read_config(chain[-1])["train"].get("init_from"):
+        chain.append(resolve_checkpoint(init_from))
     m = config["model"]
     model = build_vlm(m["llm"], m["vision"], m["vision_select_layer"], m["vision_drop_cls"], m["bridge_layers"])
     for ckpt in reversed(chain):

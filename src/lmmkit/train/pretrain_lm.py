@@ -21,7 +21,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from lmmkit.data.collate import pad_batch
 from lmmkit.data.schema import Message
-from lmmkit.data.shapes.text import caption_conversation, conversation, symbolic_scene
+from lmmkit.data.shapes.text import QUESTION_KINDS, SYMBOLIC_QUESTION_KINDS, conversation, symbolic_scene
 from lmmkit.data.shapes.world import Scene, World
 from lmmkit.data.templates import encode_conversation, encode_prompt
 from lmmkit.models.tokenizer import train_tokenizer
@@ -36,9 +36,8 @@ def tiny_lm_config(vocab_size: int, pad_token_id: int, eos_token_id: int) -> Lla
 
 def symbolic_conversation(rng: random.Random, world: World, scene: Scene) -> list[Message]:
     """One training document: the scene told in words, then questions about it."""
-    if rng.random() < 0.2:
-        return caption_conversation(rng, scene, image_slot=symbolic_scene(scene))
-    return conversation(rng, world, scene, turns=rng.randint(1, 4), image_slot=symbolic_scene(scene))
+    return conversation(rng, world, scene, turns=rng.randint(1, 4), image_slot=symbolic_scene(scene),
+                        kinds=SYMBOLIC_QUESTION_KINDS)
 
 
 @dataclass
@@ -52,8 +51,6 @@ class LMPretrainResult:
 def existence_f1(model: LlamaForCausalLM, tok: PreTrainedTokenizerFast, world: World, n: int = 400,
                  seed: int = 99) -> float:
     """F1 of greedy first-token Yes/No answers on held-out symbolic scenes (yes = positive)."""
-    from lmmkit.data.shapes.text import QUESTION_KINDS
-
     rng = random.Random(seed)
     only_existence = {"existence": QUESTION_KINDS["existence"]}
     prompts, truth = [], []
@@ -72,14 +69,14 @@ def existence_f1(model: LlamaForCausalLM, tok: PreTrainedTokenizerFast, world: W
             logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, -1]
             preds += (logits[:, yes_id] > logits[:, no_id]).tolist()
     model.train()
-    tp = sum(p and t for p, t in zip(preds, truth))
-    fp = sum(p and not t for p, t in zip(preds, truth))
-    fn = sum(t and not p for p, t in zip(preds, truth))
+    tp = sum(p and t for p, t in zip(preds, truth, strict=True))
+    fp = sum(p and not t for p, t in zip(preds, truth, strict=True))
+    fn = sum(t and not p for p, t in zip(preds, truth, strict=True))
     return 2 * tp / max(1, 2 * tp + fp + fn)
 
 
 def pretrain_lm(out: Path, steps: int = 2000, batch_size: int = 64, lr: float = 3e-3, seed: int = 0,
-                vocab_size: int = 768) -> LMPretrainResult:
+                vocab_size: int = 768, eval_every: int = 250) -> LMPretrainResult:
     """Train tokenizer + LM on symbolic ShapesWorld text; save an HF folder (model + tokenizer)."""
     world = World()
     rng = random.Random(seed)
@@ -107,6 +104,8 @@ def pretrain_lm(out: Path, steps: int = 2000, batch_size: int = 64, lr: float = 
         sched.step()
         loss_value = loss.item()
         bar.set_postfix(loss=f"{loss_value:.3f}")
+        if eval_every and (step + 1) % eval_every == 0 and step + 1 < steps:
+            bar.write(f"step {step + 1}: held-out symbolic existence F1 {existence_f1(model, tok, world, n=256):.3f}")
     f1 = existence_f1(model, tok, world)
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)

@@ -78,7 +78,7 @@ def detection_scores(tower: VisionTower, heads: DenseHeads, scenes: list[Scene])
             c_logits, s_logits, w_logits = heads(tower(pixels))
             c_pred, s_pred, w_pred = c_logits.argmax(-1), s_logits.argmax(-1), w_logits.argmax(-1)
             for j, scene in enumerate(chunk):
-                pred = {f"{colours[c - 1]} {shapes[s - 1]}" for c, s in zip(c_pred[j].tolist(), s_pred[j].tolist())
+                pred = {f"{colours[c - 1]} {shapes[s - 1]}" for c, s in zip(c_pred[j].tolist(), s_pred[j].tolist(), strict=True)
                         if c > 0 and s > 0}
                 truth = set(scene.names)
                 tp, fp, fn = tp + len(pred & truth), fp + len(pred - truth), fn + len(truth - pred)
