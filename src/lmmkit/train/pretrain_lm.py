@@ -36,7 +36,7 @@ def tiny_lm_config(vocab_size: int, pad_token_id: int, eos_token_id: int) -> Lla
 
 def symbolic_conversation(rng: random.Random, world: World, scene: Scene) -> list[Message]:
     """One training document: the scene told in words, then questions about it."""
-    return conversation(rng, world, scene, turns=rng.randint(1, 4), image_slot=symbolic_scene(scene),
+    return conversation(rng, world, scene, turns=rng.randint(2, 6), image_slot=symbolic_scene(scene),
                         kinds=SYMBOLIC_QUESTION_KINDS)
 
 
@@ -75,7 +75,7 @@ def existence_f1(model: LlamaForCausalLM, tok: PreTrainedTokenizerFast, world: W
     return 2 * tp / max(1, 2 * tp + fp + fn)
 
 
-def pretrain_lm(out: Path, steps: int = 2000, batch_size: int = 64, lr: float = 3e-3, seed: int = 0,
+def pretrain_lm(out: Path, steps: int = 2000, batch_size: int = 64, lr: float = 2e-3, seed: int = 0,
                 vocab_size: int = 768, eval_every: int = 250) -> LMPretrainResult:
     """Train tokenizer + LM on symbolic ShapesWorld text; save an HF folder (model + tokenizer)."""
     world = World()
