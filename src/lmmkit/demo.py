@@ -38,12 +38,12 @@ class DemoSettings:
     align_steps: int = 100
     sft_steps: int = 400
     batch_size: int = 64
-    align_lr: float = 2e-3
+    align_lr: float = 5e-3
     sft_lr: float = 1e-3
     llm: str = "shipped:lm"
     vision: str = "shipped:vision"
     from_scratch: bool = False  # pretrain the LM and tower first, instead of using llm / vision
-    lm_pretrain_steps: int = 2000
+    lm_pretrain_steps: int = 3000
     vision_pretrain_steps: int = 1200
     threads: int = 0  # 0 = torch's default
 
@@ -110,6 +110,10 @@ def run_demo(s: DemoSettings) -> dict:
                   batch_size=s.batch_size, lr=s.align_lr, max_steps=s.align_steps, seed=s.seed, cache=cache)
     stages.append(r)
     t = lap("align", t)
+    # Each stage's contribution, measured: POPE right after the bridge-only align stage.
+    after_align = evaluate_pope(model, data_dir, cache=cache)
+    model.train()
+    t = lap("eval pope after align", t)
     sft_cfg = _config(s, "sft", llm, vision, data_dir / "train" / "conversations.json", str(r.checkpoint))
     r = run_stage(model, convs, stage="sft", output_dir=s.out / "sft", config=sft_cfg,
                   batch_size=s.batch_size, lr=s.sft_lr, max_steps=s.sft_steps, seed=s.seed, cache=cache)
@@ -118,7 +122,8 @@ def run_demo(s: DemoSettings) -> dict:
 
     model.eval()
     pope = {"model": evaluate_pope(model, data_dir, cache=cache),
-            "blind control (blank image)": evaluate_pope(model, data_dir, blind=True, cache=cache)}
+            "blind control (blank image)": evaluate_pope(model, data_dir, blind=True, cache=cache),
+            "after align only": after_align}
     t = lap("eval pope", t)
     loss = lm_loss(model, test_convs, cache=cache)
     t = lap("eval lm loss", t)

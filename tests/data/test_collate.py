@@ -70,7 +70,7 @@ def test_fit_drops_when_no_label_survives(caplog) -> None:
 
 
 def test_pad_right() -> None:
-    batch = pad_batch([([1, 2, 3], [X, 2, 3]), ([4], [4])], pad_id=0)
+    batch = pad_batch([([1, 2, 3], [X, 2, 3]), ([4], [4])], pad_id=0, multiple_of=1)
     assert batch["input_ids"].tolist() == [[1, 2, 3], [4, 0, 0]]
     assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
     assert batch["labels"].tolist() == [[X, 2, 3], [4, X, X]]
@@ -78,7 +78,7 @@ def test_pad_right() -> None:
 
 
 def test_pad_left() -> None:
-    batch = pad_batch([([1, 2, 3], [X, 2, 3]), ([4], [4])], pad_id=0, side="left")
+    batch = pad_batch([([1, 2, 3], [X, 2, 3]), ([4], [4])], pad_id=0, side="left", multiple_of=1)
     assert batch["input_ids"].tolist() == [[1, 2, 3], [0, 0, 4]]
     assert batch["attention_mask"].tolist() == [[1, 1, 1], [0, 0, 1]]
     assert batch["labels"].tolist() == [[X, 2, 3], [X, X, 4]]
@@ -91,3 +91,10 @@ def test_pad_rejects_bad_input() -> None:
         pad_batch([([1, 2], [1])], 0)
     with pytest.raises(ValueError, match="side"):
         pad_batch([([1], [1])], 0, side="middle")  # type: ignore[arg-type]
+
+
+def test_pad_rounds_width_up_to_multiple() -> None:
+    batch = pad_batch([([1, 2, 3], [1, 2, 3]), ([4], [4])], pad_id=0, side="left", multiple_of=4)
+    assert batch["input_ids"].tolist() == [[0, 1, 2, 3], [0, 0, 0, 4]]
+    assert batch["attention_mask"].tolist() == [[0, 1, 1, 1], [0, 0, 0, 1]]
+    assert pad_batch([([1] * 33, [1] * 33)], 0)["input_ids"].shape == (1, 64)

@@ -75,7 +75,7 @@ def existence_f1(model: LlamaForCausalLM, tok: PreTrainedTokenizerFast, world: W
     return 2 * tp / max(1, 2 * tp + fp + fn)
 
 
-def pretrain_lm(out: Path, steps: int = 2000, batch_size: int = 64, lr: float = 2e-3, seed: int = 0,
+def pretrain_lm(out: Path, steps: int = 3000, batch_size: int = 64, lr: float = 2e-3, seed: int = 0,
                 vocab_size: int = 768, eval_every: int = 250) -> LMPretrainResult:
     """Train tokenizer + LM on symbolic ShapesWorld text; save an HF folder (model + tokenizer)."""
     world = World()

@@ -71,8 +71,8 @@ def test_llava_files_read_back(dataset: ShapesDataset) -> None:
     scenes = {s.id: s for f in (dataset.train_scenes, dataset.test_scenes) for s in load_scenes(f)}
     for path, n, turns in (
         (dataset.train_captions, N_TRAIN, (1, 1)),
-        (dataset.train_conversations, N_TRAIN, (3, 6)),
-        (dataset.test_conversations, N_TEST, (3, 6)),
+        (dataset.train_conversations, N_TRAIN, (2, 4)),
+        (dataset.test_conversations, N_TEST, (2, 4)),
     ):
         records = list(read_llava(path, dataset.image_folder, policy="stop", open_images=True))
         assert len(records) == n

@@ -156,7 +156,7 @@ def _records(rng: random.Random, world: World, scenes: list[Scene], paths: list[
 
 
 def generate_shapes(out: Path, seed: int = 0, n_train: int = 8000, n_test: int = 600, n_pope_images: int = 300,
-                    sft_turns: tuple[int, int] = (3, 6), workers: int = 2, progress: bool = True) -> ShapesDataset:
+                    sft_turns: tuple[int, int] = (2, 4), workers: int = 2, progress: bool = True) -> ShapesDataset:
     """Generate a ShapesWorld dataset under `out` (see the module docstring for the layout).
 
     Deterministic by `seed`, whatever `workers` is. `n_pope_images` is capped at `n_test`.
