@@ -37,3 +37,15 @@ def test_demo_meets_its_targets(tmp_path: Path) -> None:
         assert 0.45 <= m["yes_ratio"] <= 0.55, (split, m)
         blind = results["pope"]["blind control (blank image)"][split]["strict"]
         assert abs(blind["accuracy"] - 0.5) <= 0.06, (split, blind)
+
+
+def test_demo_from_scratch_builds_its_own_parts(tmp_path: Path) -> None:
+    """`lmmkit demo --from-scratch`: both parts are pretrained first, then used (tiny budgets here)."""
+    s = DemoSettings(out=tmp_path / "demo", n_train=64, n_test=12, n_pope_images=4, align_steps=1, sft_steps=1,
+                     batch_size=16, threads=1, from_scratch=True, lm_pretrain_steps=2, vision_pretrain_steps=2)
+    results = run_demo(s)
+    parts = tmp_path / "demo" / "parts"
+    assert (parts / "lm" / "model.safetensors").exists() and (parts / "lm" / "tokenizer.json").exists()
+    assert (parts / "vision" / "model.safetensors").exists()
+    assert results["parts"] == {"llm": str(parts / "lm"), "vision": str(parts / "vision"), "from_scratch": True}
+    assert "pretrain lm" in results["timings"] and "pretrain vision" in results["timings"]
