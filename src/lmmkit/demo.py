@@ -38,7 +38,7 @@ class DemoSettings:
     align_steps: int = 100
     sft_steps: int = 400
     batch_size: int = 64
-    align_lr: float = 5e-3
+    align_lr: float = 2e-3
     sft_lr: float = 1e-3
     llm: str = "shipped:lm"
     vision: str = "shipped:vision"

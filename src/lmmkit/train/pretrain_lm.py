@@ -1,11 +1,11 @@
 """Pretrain the tiny ShapesWorld language model, text only.
 
-The LM reads symbolic scene descriptions ("scene: red circle top left; blue square right.")
-where the VLM will later see the image, followed by the same questions and answers the VLM is
-fine-tuned on. So before it ever sees an image, the LM knows how to answer about a scene it is
-told; the bridge then only has to make image features read like that description.
-Measured here: an untrained LM inside the VLM binds question words to image tokens far too
-slowly for a minutes-long demo.
+The LM reads symbolic scene descriptions ("scene: red circle, blue square; text DOG.") where the
+VLM will later see the image, followed by the same kinds of questions and answers the VLM is
+fine-tuned on (mostly "is there a <colour> <shape>?"). So before it ever sees an image, the LM
+knows how to answer about a scene it is told; the bridge then has to make image features read
+like that description. Measured here: an untrained LM inside the VLM binds question words to
+image tokens far too slowly for a minutes-long demo. See docs/parts.md for what was tried.
 """
 
 from __future__ import annotations
