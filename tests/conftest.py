@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))  # tests/tiny_hf.py: tiny HF checkpoint builders
+
+import tiny_hf  # noqa: E402
 
 CORPUS = [
     "<image>\nWhat is in the picture? A cat sitting on a red mat.",
@@ -19,3 +26,30 @@ def tiny_tokenizer():
     from lmmkit.models.tokenizer import train_tokenizer
 
     return train_tokenizer(CORPUS * 10, vocab_size=400)
+
+
+@pytest.fixture
+def one_torch_thread():
+    """Tiny models run fastest on one thread, and far faster than two threads on a busy machine."""
+    import torch
+
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory, tiny_tokenizer) -> Path:
+    """A LlamaForCausalLM (hidden 32, 2 layers, 2 heads) + train_tokenizer's tokenizer (has <image>, ChatML)."""
+    return tiny_hf.save_tiny_llama(tmp_path_factory.mktemp("llama"), tiny_tokenizer)
+
+
+@pytest.fixture(scope="session")
+def tiny_clip_dir(tmp_path_factory) -> Path:
+    return tiny_hf.save_tiny_clip(tmp_path_factory.mktemp("clip"))
+
+
+@pytest.fixture(scope="session")
+def tiny_siglip_dir(tmp_path_factory) -> Path:
+    return tiny_hf.save_tiny_siglip(tmp_path_factory.mktemp("siglip"))

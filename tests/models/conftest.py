@@ -2,58 +2,22 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from pathlib import Path
 
 import pytest
 
-
-def load_tiny_hf():
-    """tests/models/tiny_hf.py, imported once by path (it is shared with tests/train)."""
-    name = "lmmkit_tests_tiny_hf"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name("tiny_hf.py"))
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
-
-
-tiny_hf = load_tiny_hf()
+import tiny_hf
 
 
 @pytest.fixture(autouse=True)
-def one_torch_thread():
-    """Tiny models run fastest on one thread, and far faster than two threads on a busy machine."""
-    import torch
-
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _one_thread(one_torch_thread):
     yield
-    torch.set_num_threads(old)
-
-
-@pytest.fixture(scope="session")
-def tiny_llama_dir(tmp_path_factory, tiny_tokenizer) -> Path:
-    """A LlamaForCausalLM (hidden 32, 2 layers, 2 heads) + train_tokenizer's tokenizer (has <image>, ChatML)."""
-    return tiny_hf.save_tiny_llama(tmp_path_factory.mktemp("llama"), tiny_tokenizer)
 
 
 @pytest.fixture(scope="session")
 def tiny_gpt2_dir(tmp_path_factory, tiny_tokenizer) -> Path:
     """A GPT-2 (absolute positions: left padding must get position ids right) + the same tokenizer."""
     return tiny_hf.save_tiny_gpt2(tmp_path_factory.mktemp("gpt2"), tiny_tokenizer)
-
-
-@pytest.fixture(scope="session")
-def tiny_clip_dir(tmp_path_factory) -> Path:
-    return tiny_hf.save_tiny_clip(tmp_path_factory.mktemp("clip"))
-
-
-@pytest.fixture(scope="session")
-def tiny_siglip_dir(tmp_path_factory) -> Path:
-    return tiny_hf.save_tiny_siglip(tmp_path_factory.mktemp("siglip"))
 
 
 @pytest.fixture(scope="session")

@@ -2,27 +2,10 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
-
-
-def load_tiny_hf():
-    """tests/models/tiny_hf.py (the tiny checkpoint builders), imported once by path."""
-    name = "lmmkit_tests_tiny_hf"
-    if name not in sys.modules:
-        path = Path(__file__).parent.parent / "models" / "tiny_hf.py"
-        spec = importlib.util.spec_from_file_location(name, path)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
-
-
-tiny_hf = load_tiny_hf()
 
 # Short answers a tiny model can memorise; the colour is visible in the image.
 COLOURS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 40, 220), "yellow": (230, 220, 30)}
@@ -30,14 +13,8 @@ QUESTIONS = ["What colour is the square?", "Describe the image briefly."]
 
 
 @pytest.fixture(autouse=True)
-def one_torch_thread():
-    """Tiny models run fastest on one thread, and far faster than two threads on a busy machine."""
-    import torch
-
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _one_thread(one_torch_thread):
     yield
-    torch.set_num_threads(old)
 
 
 @pytest.fixture(autouse=True)
@@ -49,21 +26,6 @@ def fresh_accelerate_state():
     AcceleratorState._reset_state(reset_partial_state=True)
     yield
     AcceleratorState._reset_state(reset_partial_state=True)
-
-
-@pytest.fixture(scope="session")
-def tiny_llama_dir(tmp_path_factory, tiny_tokenizer) -> Path:
-    return tiny_hf.save_tiny_llama(tmp_path_factory.mktemp("llama"), tiny_tokenizer)
-
-
-@pytest.fixture(scope="session")
-def tiny_clip_dir(tmp_path_factory) -> Path:
-    return tiny_hf.save_tiny_clip(tmp_path_factory.mktemp("clip"))
-
-
-@pytest.fixture(scope="session")
-def tiny_siglip_dir(tmp_path_factory) -> Path:
-    return tiny_hf.save_tiny_siglip(tmp_path_factory.mktemp("siglip"))
 
 
 @pytest.fixture
