@@ -40,6 +40,7 @@ class DemoSettings:
     batch_size: int = 64
     align_lr: float = 2e-3
     sft_lr: float = 1e-3
+    warmup_ratio: float = 0.03
     llm: str = "shipped:lm"
     vision: str = "shipped:vision"
     from_scratch: bool = False  # pretrain the LM and tower first, instead of using llm / vision
@@ -107,7 +108,8 @@ def run_demo(s: DemoSettings) -> dict:
     stages = []
     align_cfg = _config(s, "align", llm, vision, data_dir / "train" / "captions.json", None)
     r = run_stage(model, captions, stage="align", output_dir=s.out / "align", config=align_cfg,
-                  batch_size=s.batch_size, lr=s.align_lr, max_steps=s.align_steps, seed=s.seed, cache=cache)
+                  batch_size=s.batch_size, lr=s.align_lr, max_steps=s.align_steps, seed=s.seed, cache=cache,
+                  warmup_ratio=s.warmup_ratio)
     stages.append(r)
     t = lap("align", t)
     # Each stage's contribution, measured: POPE right after the bridge-only align stage.
@@ -116,7 +118,8 @@ def run_demo(s: DemoSettings) -> dict:
     t = lap("eval pope after align", t)
     sft_cfg = _config(s, "sft", llm, vision, data_dir / "train" / "conversations.json", str(r.checkpoint))
     r = run_stage(model, convs, stage="sft", output_dir=s.out / "sft", config=sft_cfg,
-                  batch_size=s.batch_size, lr=s.sft_lr, max_steps=s.sft_steps, seed=s.seed, cache=cache)
+                  batch_size=s.batch_size, lr=s.sft_lr, max_steps=s.sft_steps, seed=s.seed, cache=cache,
+                  warmup_ratio=s.warmup_ratio)
     stages.append(r)
     t = lap("sft", t)
 
