@@ -39,7 +39,7 @@ class DemoSettings:
     sft_steps: int = 400
     batch_size: int = 64
     align_lr: float = 2e-3
-    sft_lr: float = 1e-3
+    sft_lr: float = 2e-3
     warmup_ratio: float = 0.03
     llm: str = "shipped:lm"
     vision: str = "shipped:vision"
