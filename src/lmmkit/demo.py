@@ -113,8 +113,7 @@ def run_demo(s: DemoSettings) -> dict:
     stages.append(r)
     t = lap("align", t)
     # Each stage's contribution, measured: POPE right after the bridge-only align stage.
-    after_align = evaluate_pope(model, data_dir, cache=cache)
-    model.train()
+    after_align = evaluate_pope(model, data_dir, cache=cache)  # run_stage re-applies train modes
     t = lap("eval pope after align", t)
     sft_cfg = _config(s, "sft", llm, vision, data_dir / "train" / "conversations.json", str(r.checkpoint))
     r = run_stage(model, convs, stage="sft", output_dir=s.out / "sft", config=sft_cfg,

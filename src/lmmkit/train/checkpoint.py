@@ -94,12 +94,12 @@ def load_model(path: str | Path) -> VisionLanguageModel:
     """Rebuild a trained model from a checkpoint (or run) folder, following its init_from chain."""
     from lmmkit.models.build import build_vlm
 
-    path = resolve_checkpoint(path)
-    config = read_config(path)
-    chain = [path]
-    while init_from := read_config(chain[-1])["train"].get("init_from"):
+    chain = [resolve_checkpoint(path)]
+    configs = [read_config(chain[0])]
+    while init_from := configs[-1]["train"].get("init_from"):
         chain.append(resolve_checkpoint(init_from))
-    m = config["model"]
+        configs.append(read_config(chain[-1]))
+    m = configs[0]["model"]
     model = build_vlm(m["llm"], m["vision"], m["vision_select_layer"], m["vision_drop_cls"], m["bridge_layers"])
     for ckpt in reversed(chain):
         load_trained_parts(model, ckpt)

@@ -14,7 +14,8 @@ from lmmkit.models.vlm import VisionLanguageModel
 
 
 def image_key(image) -> str:
-    return str(image) if isinstance(image, (str, Path)) else f"pil:{id(image)}"
+    """Paths are resolved, so "data/x.png" and "/abs/data/x.png" share one cache entry."""
+    return str(Path(image).resolve()) if isinstance(image, (str, Path)) else f"pil:{id(image)}"
 
 
 def open_image(image, where: str = "") -> Image.Image:

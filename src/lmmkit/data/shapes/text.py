@@ -39,8 +39,8 @@ def detailed_caption(scene: Scene) -> str:
 
 def symbolic_scene(scene: Scene) -> str:
     """What the text-only LM sees where the VLM sees the image: the plain object list (the same
-    words as the short caption the bridge is aligned on) and any rendered word. Positions are
-    left out: measured here, the tiny LM learns to bind colour to shape in a plain list far faster."""
+    words as the short caption the bridge is aligned on) and any rendered word. Positions are left
+    out: the LM that read them learned existence far worse (docs/parts.md has the measurements)."""
     text = f"; text {scene.text}" if scene.text else ""
     return f"scene: {', '.join(scene.names)}{text}."
 
