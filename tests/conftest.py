@@ -53,3 +53,14 @@ def tiny_clip_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_siglip_dir(tmp_path_factory) -> Path:
     return tiny_hf.save_tiny_siglip(tmp_path_factory.mktemp("siglip"))
+
+
+ORACLES = Path(__file__).resolve().parents[1].parent / "shared" / "oracles"
+
+
+@pytest.fixture(scope="session")
+def oracles_dir() -> Path:
+    """../shared/oracles (official scorers' numbers on released predictions); skip when absent."""
+    if not ORACLES.is_dir():
+        pytest.skip(f"no oracle data at {ORACLES} (CI has it; it is never copied into the repo)")
+    return ORACLES

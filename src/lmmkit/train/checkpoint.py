@@ -90,15 +90,21 @@ def resolve_checkpoint(path: str | Path) -> Path:
     return latest
 
 
-def load_model(path: str | Path) -> VisionLanguageModel:
-    """Rebuild a trained model from a checkpoint (or run) folder, following its init_from chain."""
-    from lmmkit.models.build import build_vlm
-
+def checkpoint_chain(path: str | Path) -> tuple[list[Path], list[dict]]:
+    """The checkpoint and every checkpoint it was initialised from (newest first), with their configs."""
     chain = [resolve_checkpoint(path)]
     configs = [read_config(chain[0])]
     while init_from := configs[-1]["train"].get("init_from"):
         chain.append(resolve_checkpoint(init_from))
         configs.append(read_config(chain[-1]))
+    return chain, configs
+
+
+def load_model(path: str | Path) -> VisionLanguageModel:
+    """Rebuild a trained model from a checkpoint (or run) folder, following its init_from chain."""
+    from lmmkit.models.build import build_vlm
+
+    chain, configs = checkpoint_chain(path)
     m = configs[0]["model"]
     model = build_vlm(m["llm"], m["vision"], m["vision_select_layer"], m["vision_drop_cls"], m["bridge_layers"])
     for ckpt in reversed(chain):

@@ -1,0 +1,90 @@
+"""The harness backend for lmmkit checkpoints: batched, each image encoded once per run."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from lmmkit.data.collate import pad_batch
+from lmmkit.data.schema import DataError
+from lmmkit.eval.backends.base import (
+    BackendError,
+    GenerationSettings,
+    Request,
+    fingerprint_files,
+    fingerprint_folder,
+)
+from lmmkit.eval.generation import prompt_ids
+from lmmkit.models.build import resolve_part
+from lmmkit.models.vlm import VisionLanguageModel
+from lmmkit.train.features import FeatureCache
+
+
+class LmmkitBackend:
+    """Answers with a VisionLanguageModel (one image per prompt, or none)."""
+
+    def __init__(self, model: VisionLanguageModel, fingerprint: str, name: str = "lmmkit", batch_size: int = 64,
+                 progress: bool = True) -> None:
+        self.model = model
+        self.name = name
+        self._fingerprint = fingerprint
+        self.batch_size = batch_size
+        self.progress = progress
+        self.features = FeatureCache()  # lives as long as the backend: an image shared by tasks is encoded once
+
+    @classmethod
+    def from_checkpoint(cls, path: str | Path, **kwargs) -> LmmkitBackend:
+        from lmmkit.train.checkpoint import checkpoint_chain, load_model
+
+        chain, configs = checkpoint_chain(path)
+        files = [p for ckpt in chain for p in ckpt.iterdir() if p.is_file() and p.suffix in (".safetensors", ".json")]
+        m = configs[0]["model"]
+        base = [fingerprint_folder(Path(resolve_part(m[k]))) if Path(resolve_part(m[k])).is_dir() else str(m[k])
+                for k in ("llm", "vision")]
+        fingerprint = fingerprint_files(files) + ":" + ":".join(base)
+        return cls(load_model(path), fingerprint, name=f"lmmkit:{Path(path).name}", **kwargs)
+
+    def fingerprint(self) -> str:
+        return self._fingerprint
+
+    def generate(self, requests: Sequence[Request], settings: GenerationSettings) -> list[str | BackendError]:
+        out: list[str | BackendError | None] = [None] * len(requests)
+        ready: list[int] = []
+        for i, r in enumerate(requests):
+            if len(r.images) > 1:
+                out[i] = BackendError(f"lmmkit models take one image per prompt; this request has {len(r.images)}")
+            else:
+                ready.append(i)
+        try:  # all images in big batches; only when one fails to load, find which, one by one
+            self.features.fill(self.model, [requests[i].images[0] for i in ready if requests[i].images])
+        except DataError:
+            for i in list(ready):
+                try:
+                    self.features.fill(self.model, requests[i].images)
+                except DataError as err:
+                    out[i] = BackendError(str(err))
+                    ready.remove(i)
+        # Similar prompt lengths together: less padding, same answers (left padding is exact).
+        ready.sort(key=lambda i: len(requests[i].prompt))
+        model = self.model
+        model.eval()
+        steps = math.ceil(len(ready) / self.batch_size)
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            for b in tqdm(range(steps), desc=f"generate ({self.name})", unit="batch", disable=not self.progress):
+                chunk = ready[b * self.batch_size:(b + 1) * self.batch_size]
+                for with_image in (True, False):
+                    rows = [i for i in chunk if bool(requests[i].images) == with_image]
+                    if not rows:
+                        continue
+                    ids = [prompt_ids(model, requests[i].prompt, with_image=with_image) for i in rows]
+                    batch = pad_batch([(x, x) for x in ids], model.tokenizer.pad_token_id, side="left")
+                    feats = self.features.stack([requests[i].images[0] for i in rows]) if with_image else None
+                    new = model.generate(batch["input_ids"], batch["attention_mask"], vision_features=feats,
+                                         max_new_tokens=settings.max_new_tokens, temperature=settings.temperature)
+                    for i, t in zip(rows, new, strict=True):
+                        out[i] = model.tokenizer.decode(t, skip_special_tokens=True).strip()
+        return [o if o is not None else BackendError("no answer produced") for o in out]
