@@ -81,8 +81,9 @@ def fingerprint_files(paths: Sequence[Path]) -> str:
 
 
 def fingerprint_folder(folder: Path) -> str:
-    """`fingerprint_files` over a model folder's config and weight files."""
-    files = [p for p in Path(folder).iterdir() if p.is_file() and (p.suffix in _WEIGHT_SUFFIXES or p.suffix == ".json")]
+    """`fingerprint_files` over a model folder's config, tokenizer, chat template and weight files."""
+    files = [p for p in Path(folder).iterdir()
+             if p.is_file() and (p.suffix in _WEIGHT_SUFFIXES or p.suffix in (".json", ".jinja", ".model"))]
     if not files:
         raise FileNotFoundError(f"{folder}: no config or weight files to fingerprint")
     return fingerprint_files(files)
