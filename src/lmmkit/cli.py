@@ -66,33 +66,58 @@ def _train(args: argparse.Namespace) -> int:
 
 def _eval(args: argparse.Namespace) -> int:
     import json
+    import re
 
-    from lmmkit.eval.generation import lm_loss
-    from lmmkit.eval.report import format_table
-    from lmmkit.eval.shapes import evaluate_pope
-    from lmmkit.train.checkpoint import load_model
-    from lmmkit.train.run import load_samples
+    from lmmkit.eval.backends.load import BlindBackend, load_backend
+    from lmmkit.eval.cache import ResponseCache
+    from lmmkit.eval.harness_report import write_eval_report
+    from lmmkit.eval.judge import BackendJudge
+    from lmmkit.eval.runner import EvalError, EvalOptions, run_eval
+    from lmmkit.eval.summary import format_results
+    from lmmkit.eval.tasks import get_tasks
+    from lmmkit.eval.tasks.base import TaskDataError
 
-    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
-    unknown = sorted(set(tasks) - {"pope", "lmloss"})
-    if unknown:
-        print(f"error: unknown task(s) {', '.join(unknown)}; available here: pope, lmloss", file=sys.stderr)
+    try:
+        tasks = get_tasks(args.tasks)
+        backend = load_backend(args.model, api_key_env=args.api_key_env)
+        judge_backend = load_backend(args.judge, text_only=True, api_key_env=args.api_key_env) if args.judge else None
+    except (ValueError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
         return 2
-    model = load_model(args.model)
-    root = Path(args.data_root)
-    results: dict = {}
-    if "pope" in tasks:
-        results["pope"] = {"model": evaluate_pope(model, root, limit=args.limit)}
+    out = Path(args.out or Path("runs/eval") / re.sub(r"[^\w.-]+", "_", backend.name))
+    cache = ResponseCache(Path(args.cache) if args.cache else out / "responses.sqlite")
+    judge = BackendJudge(judge_backend, cache, concurrency=getattr(judge_backend, "concurrency", 1)) \
+        if judge_backend else None
+    opts = EvalOptions(limit=args.limit, judge_runs=args.judge_runs, strict_errors=args.strict_errors)
+    try:
+        results = run_eval(tasks, backend, Path(args.data_root), cache, judge, opts)
         if args.blind_control:
-            results["pope"]["blind control (blank image)"] = evaluate_pope(model, root, blind=True, limit=args.limit)
-    if "lmloss" in tasks:
-        samples, _ = load_samples(model, root / "test" / "conversations.json", root / "images", 512)
-        results["lm_loss"] = lm_loss(model, samples[: args.limit] if args.limit else samples)
-    print(format_table(results))
-    if "lm_loss" in results:
-        print(f"LM loss: {results['lm_loss']['loss']:.4f} (perplexity {results['lm_loss']['perplexity']:.3f})")
+            blind = run_eval([t for t in tasks if not getattr(t, "direct", False)], BlindBackend(backend),
+                             Path(args.data_root), cache, judge, opts)
+            results["blind_control"] = blind["tasks"]
+    except (EvalError, TaskDataError) as err:
+        print(f"error: {err}\n(answers so far are cached in {cache.path}; re-run to resume)", file=sys.stderr)
+        return 1
+    print(format_results(results))
+    for task, res in results["tasks"].items():
+        for msg in (res.get("load_errors") or [])[:3] + (res.get("failures") or [])[:3]:
+            print(f"  {task}: {msg}", file=sys.stderr)
+    json_path, html_path = write_eval_report(results, out)
     if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=2))
+        Path(args.json).write_text(json.dumps(results, indent=2, default=str))
+    print(f"\nresults: {json_path}\nreport:  {html_path}\ncache:   {cache.path} ({cache.hits} answers reused)")
+    return 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    from lmmkit.eval.harness_report import write_comparison
+
+    try:
+        path = write_comparison([Path(r) for r in args.runs], Path(args.out))
+    except (ValueError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(f"comparison of {len(args.runs)} runs: {path}")
     return 0
 
 
@@ -150,14 +175,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in train.output_dir")
     p.set_defaults(func=_train)
 
-    p = sub.add_parser("eval", help="evaluate a checkpoint on a ShapesWorld folder (POPE, LM loss)")
-    p.add_argument("--model", required=True, help="an lmmkit checkpoint folder")
-    p.add_argument("--tasks", default="pope,lmloss")
-    p.add_argument("--data-root", required=True)
+    p = sub.add_parser("eval", help="score a model on benchmark tasks (official formats or ShapesWorld twins)")
+    p.add_argument("--model", required=True,
+                   help="an lmmkit checkpoint, an HF image-text-to-text folder, or openai:http://host:port/v1#model")
+    p.add_argument("--tasks", default="pope,mme,mmmu,mathvista,lmloss",
+                   help="comma-separated: pope, mme, mmmu, mathvista, mmvet, mmhal, lmloss")
+    p.add_argument("--data-root", required=True, help="folder with one sub-folder per task (pope/, mme/, ...)")
+    p.add_argument("--judge", help="LLM judge for mmvet, mmhal and MathVista's extraction fallback: an "
+                                   "openai:URL#model endpoint, an lmmkit checkpoint or an HF model folder")
+    p.add_argument("--judge-runs", type=int, default=1, help="grade N times; report mean and spread")
+    p.add_argument("--api-key-env", default="OPENAI_API_KEY", help="environment variable holding the API key")
+    p.add_argument("--out", help="results folder (default runs/eval/<model name>)")
+    p.add_argument("--cache", help="response cache file (default <out>/responses.sqlite)")
     p.add_argument("--blind-control", action="store_true", help="also score with every image blanked")
-    p.add_argument("--limit", type=int, default=None, help="at most this many items per task/split")
-    p.add_argument("--json", help="write the scores here")
+    p.add_argument("--limit", type=int, default=None, help="at most this many items per task (per split/subtask)")
+    p.add_argument("--strict-errors", action="store_true", help="stop at the first bad record or failed call")
+    p.add_argument("--json", help="also write the results JSON here")
     p.set_defaults(func=_eval)
+
+    p = sub.add_parser("report", help="compare eval runs: a table per task and a plot (HTML)")
+    p.add_argument("runs", nargs="+", help="eval output folders (or their results.json)")
+    p.add_argument("--out", default="runs/compare.html")
+    p.set_defaults(func=_report)
 
     p = sub.add_parser("chat", help="one image + a question -> the model's answer")
     p.add_argument("checkpoint")

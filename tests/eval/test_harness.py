@@ -9,7 +9,6 @@ import re
 from pathlib import Path
 
 import pytest
-from openai_stub import StubServer
 from PIL import Image
 
 from lmmkit.eval.backends.base import BackendError, GenerationSettings, Request
@@ -17,6 +16,7 @@ from lmmkit.eval.backends.openai_api import OpenAIBackend, parse_endpoint
 from lmmkit.eval.cache import ResponseCache
 from lmmkit.eval.runner import EvalError, EvalOptions, run_eval
 from lmmkit.eval.tasks.pope import PopeTask
+from openai_stub import StubServer
 
 OBJECTS = {"a.png": {"cat", "dog"}, "b.png": {"car"}, "c.png": {"cup", "cat", "bus"}}
 COLOURS = {"a.png": (200, 0, 0), "b.png": (0, 200, 0), "c.png": (0, 0, 200)}

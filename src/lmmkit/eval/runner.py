@@ -82,12 +82,17 @@ def answer_items(task: Task, items: Sequence[Item], backend: Backend, cache: Res
 
 def run_task(task: Task, backend: Backend, root: Path, cache: ResponseCache, judge: Judge | None,
              opts: EvalOptions) -> dict:
+    if getattr(task, "direct", False):  # e.g. the LM loss: reads logits, asks no questions
+        return task.evaluate(backend, Path(root), opts.limit)
     start = time.time()
     loaded = task.load(Path(root))
     if loaded.errors and opts.strict_errors:
         raise EvalError(f"{task.name}: {loaded.errors[0]}" + (f" (and {len(loaded.errors) - 1} more)"
                                                               if len(loaded.errors) > 1 else ""))
-    items = loaded.items[: opts.limit] if opts.limit else loaded.items
+    items = loaded.items
+    if opts.limit:
+        select = getattr(task, "select", None)  # tasks whose items come in groups keep whole groups
+        items = select(items, opts.limit) if select else items[: opts.limit]
     if task.needs_judge and judge is None:
         raise EvalError(f"{task.name} is graded by an LLM judge: pass --judge (an openai:URL#model endpoint, "
                         "an lmmkit checkpoint or an HF model folder)")

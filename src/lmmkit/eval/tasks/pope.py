@@ -58,6 +58,16 @@ class PopeTask:
                                       {"split": split, "question": text}))
         return Loaded(items, errors, str(folder))
 
+    def select(self, items: Sequence[Item], limit: int) -> list[Item]:
+        """--limit applies per split."""
+        per: dict[str, int] = {}
+        kept = []
+        for it in items:
+            per[it.meta["split"]] = per.get(it.meta["split"], 0) + 1
+            if per[it.meta["split"]] <= limit:
+                kept.append(it)
+        return kept
+
     def score(self, items: Sequence[Item], responses: Sequence[str | None], judge: Judge | None = None,
               judge_runs: int = 1) -> dict:
         strict, robust, records = {}, {}, []

@@ -1,0 +1,72 @@
+"""The headline numbers of each task's result, for tables, reports and run comparisons."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+
+def _get(d: Any, *keys: str) -> Any:
+    for k in keys:
+        if not isinstance(d, Mapping) or k not in d:
+            return None
+        d = d[k]
+    return d
+
+
+def headline(task: str, result: Mapping) -> list[tuple[str, float | None, float | None]]:
+    """(metric, strict value, robust value) rows; robust is None where the task has no robust scorer."""
+    s, r = result.get("strict"), result.get("robust")
+    if task == "pope":
+        rows = [("F1 mean", _get(s, "mean_f1"), _get(r, "mean_f1"))]
+        for split in ("random", "popular", "adversarial"):
+            rows.append((f"F1 {split}", _get(s, split, "f1"), _get(r, split, "f1")))
+            rows.append((f"yes-ratio {split}", _get(s, split, "yes_ratio"), _get(r, split, "yes_ratio")))
+        return rows
+    if task == "mme":
+        rows = []
+        for group in ("perception", "cognition", "other"):
+            if _get(s, f"{group}_total"):
+                rows.append((f"{group} score", _get(s, f"{group}_total"), _get(r, f"{group}_total")))
+        for name in _get(s, "tasks") or {}:
+            rows.append((f"{name} acc", _get(s, "tasks", name, "acc"), _get(r, "tasks", name, "acc")))
+            rows.append((f"{name} acc+", _get(s, "tasks", name, "acc_plus"), _get(r, "tasks", name, "acc_plus")))
+        return rows
+    if task == "mmmu":
+        return [("accuracy", _get(s, "acc"), _get(r, "acc"))]
+    if task == "mathvista":
+        return [("accuracy", _get(s, "accuracy"), _get(r, "accuracy"))]
+    if task == "mmvet":
+        return [("total (0-100)", _get(s, "total"), None), ("std over judge runs", _get(s, "std"), None)]
+    if task == "mmhal":
+        return [("average rating (0-6)", _get(s, "average", "mean"), None),
+                ("hallucination rate", _get(s, "hallucination_rate", "mean"), None)]
+    if task == "lmloss":
+        return [("answer-token loss", _get(s, "loss"), None), ("perplexity", _get(s, "perplexity"), None)]
+    return []
+
+
+def main_metric(task: str, result: Mapping) -> tuple[str, float | None]:
+    """The one number per task that a comparison plot shows (strict)."""
+    rows = headline(task, result)
+    return (rows[0][0], rows[0][1]) if rows else ("", None)
+
+
+def fmt(value: float | None) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.3f}" if abs(value) < 10 else f"{value:.1f}"
+
+
+def format_results(results: Mapping) -> str:
+    """A plain-text table of every task's headline rows, unparseable counts and failures."""
+    lines = [f"model: {results.get('model')}" + (f"   judge: {results['judge']}" if results.get("judge") else "")]
+    for task, res in results.get("tasks", {}).items():
+        unp = res.get("unparseable") or {}
+        lines.append(f"\n{task}  ({res.get('n_items', 0)} items, {res.get('model_calls', 0)} model calls, "
+                     f"{len(res.get('failures') or [])} failed, {len(res.get('load_errors') or [])} bad records; "
+                     f"unparseable strict {unp.get('strict', '-')}, robust {unp.get('robust', '-')})")
+        lines.append(f"  {'metric':<28}{'strict':>10}{'robust':>10}")
+        for name, sv, rv in headline(task, res):
+            lines.append(f"  {name:<28}{fmt(sv):>10}{fmt(rv):>10}")
+    return "\n".join(lines)
