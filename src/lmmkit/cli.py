@@ -36,6 +36,14 @@ def _data(args: argparse.Namespace) -> int:
                              n_pope_images=args.n_pope_images, workers=args.workers)
         print(f"ShapesWorld written to {args.out}: {ds}")
         return 0
+    if args.data_command == "bench":
+        from lmmkit.data.shapes.bench import write_bench
+
+        folders = write_bench(Path(args.data), Path(args.out) if args.out else None, seed=args.seed,
+                              n_images=args.n_images)
+        for task, folder in folders.items():
+            print(f"{task:<10} {folder}")
+        return 0
     from lmmkit.data.check import check_file, format_report
     from lmmkit.data.schema import DataError
 
@@ -88,7 +96,7 @@ def _eval(args: argparse.Namespace) -> int:
     cache = ResponseCache(Path(args.cache) if args.cache else out / "responses.sqlite")
     judge = BackendJudge(judge_backend, cache, concurrency=getattr(judge_backend, "concurrency", 1)) \
         if judge_backend else None
-    opts = EvalOptions(limit=args.limit, judge_runs=args.judge_runs, strict_errors=args.strict_errors)
+    opts = EvalOptions(limit=args.limit, judge_runs=args.judge_runs, strict_errors=args.strict_errors, out_dir=out)
     try:
         results = run_eval(tasks, backend, Path(args.data_root), cache, judge, opts)
         if args.blind_control:
@@ -163,6 +171,12 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--n-test", type=int, default=600)
     q.add_argument("--n-pope-images", type=int, default=300)
     q.add_argument("--workers", type=int, default=2)
+    q = dsub.add_parser("bench", help="write ShapesWorld twins of POPE, MME, MMMU, MathVista, MM-Vet, MMHal, "
+                                      "LM loss in the official formats (from a `data shapes` folder)")
+    q.add_argument("--data", required=True, help="a folder written by `lmmkit data shapes`")
+    q.add_argument("--out", help="default: <data>/bench")
+    q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--n-images", type=int, help="override each generated task's size")
     q = dsub.add_parser("check", help="check a LLaVA JSON / JSONL file and its images without training")
     q.add_argument("file")
     q.add_argument("--image-folder")

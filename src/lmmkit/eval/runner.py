@@ -32,6 +32,7 @@ class EvalOptions:
     strict_errors: bool = False
     chunk: int = 256  # requests handed to the backend at once (progress and cache granularity)
     progress: bool = True
+    out_dir: Path | None = None  # where tasks write files in their official result format (MME)
 
 
 class _ImageDigests:
@@ -98,6 +99,10 @@ def run_task(task: Task, backend: Backend, root: Path, cache: ResponseCache, jud
                         "an lmmkit checkpoint or an HF model folder)")
     responses, failures, calls = answer_items(task, items, backend, cache, opts)
     scored = task.score(items, responses, judge, opts.judge_runs)
+    write_results = getattr(task, "write_results", None)
+    if write_results is not None and opts.out_dir is not None:
+        scored["official_result_files"] = [str(p) for p in write_results(items, responses,
+                                                                          Path(opts.out_dir) / f"{task.name}_results")]
     scored.update({
         "task": task.name, "source": loaded.source, "n_items": len(items), "model_calls": calls,
         "from_cache": len(items) - calls, "load_errors": [str(e) for e in loaded.errors],
