@@ -21,7 +21,8 @@ from lmmkit.data.shapes.generate import generate_shapes, load_scenes
 from lmmkit.data.shapes.text import SHORT_ANSWER
 from lmmkit.eval.generation import answer_questions, lm_loss
 from lmmkit.eval.report import format_table, write_report
-from lmmkit.eval.shapes import evaluate_pope
+from lmmkit.eval.shapes import evaluate_pope, evaluate_twins
+from lmmkit.eval.summary import format_benchmarks, headline
 from lmmkit.models.build import build_vlm, describe
 from lmmkit.train.features import FeatureCache, open_image
 from lmmkit.train.loop import run_stage
@@ -129,6 +130,8 @@ def run_demo(s: DemoSettings) -> dict:
     t = lap("eval pope", t)
     loss = lm_loss(model, test_convs, cache=cache)
     t = lap("eval lm loss", t)
+    twins = evaluate_twins(model, data_dir)
+    t = lap("eval mme, mmmu, mathvista twins", t)
 
     scene = load_scenes(data_dir / "test" / "scenes.jsonl")[0]
     image = images / scene.extra["image"]
@@ -145,6 +148,8 @@ def run_demo(s: DemoSettings) -> dict:
         "pope": pope,
         "targets": {"pope_f1": 0.95, "yes_ratio": [0.45, 0.55]},
         "lm_loss": {k: round(v, 4) if isinstance(v, float) else v for k, v in loss.items()},
+        "benchmarks": {task: {"rows": headline(task, res), "n": res["n_items"], "unparseable": res["unparseable"]}
+                       for task, res in twins.items()},
         "stages": [{"name": x.stage, "steps": x.steps, "final_loss": round(x.final_loss, 4),
                     "seconds": round(x.seconds, 1), "tokens_per_second": round(x.tokens_per_second),
                     "checkpoint": str(x.checkpoint)} for x in stages],
@@ -160,6 +165,7 @@ def run_demo(s: DemoSettings) -> dict:
     paths = write_report(results, s.out / "report", title="lmmkit demo: ShapesWorld")
     print()
     print(format_table(results))
+    print(format_benchmarks(results["benchmarks"]))
     print(f"LM loss on held-out conversations (answer tokens): {loss['loss']:.4f} (perplexity {loss['perplexity']:.3f})")
     print("\nSample conversation about a held-out image (truth: " + ", ".join(scene.names) + ")")
     for m in conversation:

@@ -300,3 +300,23 @@ def test_jsonl_round_trip(tmp_path) -> None:
     official = write_pope_jsonl(rows, tmp_path / "official.json", extra_keys=False)
     assert set(read_pope_jsonl(official)[0]) == {"question_id", "image", "text", "label"}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["coco_pope_random.json", "official.json"]
+
+
+def test_official_scorer_conformance_on_llava_predictions(oracles_dir):
+    """LLaVA-1.5-13B's released POPE answers: the official evaluate.py's numbers, to the last digit."""
+    import json as _json
+
+    from lmmkit.eval.pope import parse_official, read_pope_jsonl, score_pope
+
+    expected = _json.loads((oracles_dir / "pope" / "expected.json").read_text())["splits"]
+    f1s = []
+    for split, exp in expected.items():
+        answers = read_pope_jsonl(oracles_dir / "pope" / exp["ans_file"])
+        labels = read_pope_jsonl(oracles_dir / "pope" / exp["label_file"])
+        got = score_pope([parse_official(a["answer"]) for a in answers], [r["label"] for r in labels])
+        assert (got["tp"], got["fp"], got["tn"], got["fn"]) == (exp["TP"], exp["FP"], exp["TN"], exp["FN"])
+        for key in ("accuracy", "precision", "recall", "f1", "yes_ratio"):
+            assert got[key] == exp[key], (split, key)
+            assert str(got[key]) == exp[f"{key}_printed"]
+        f1s.append(got["f1"])
+    assert sum(f1s) / 3 == pytest.approx(0.8594688090539114, abs=1e-15)

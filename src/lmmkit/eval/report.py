@@ -26,7 +26,7 @@ _HEADERS = {
     "f1": "F1",
     "yes_ratio": "yes-ratio",
 }
-_KNOWN = ("pope", "timings", "stages", "loss_curves", "sample")
+_KNOWN = ("pope", "benchmarks", "timings", "stages", "loss_curves", "sample")
 
 _CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:2rem auto;max-width:1000px;
@@ -298,6 +298,21 @@ def _sample_section(sample: Mapping) -> str:
     return "\n".join(out)
 
 
+def _benchmarks_section(benchmarks: Mapping) -> str:
+    """The harness's headline rows per ShapesWorld twin task (strict = official scorer)."""
+    from lmmkit.eval.summary import fmt
+
+    rows = []
+    for task, b in benchmarks.items():
+        unp = b.get("unparseable") or {}
+        for i, (name, strict, robust) in enumerate(b["rows"]):
+            first = f"<td rowspan=\"{len(b['rows'])}\">{esc(task)} ({esc(b.get('n'))} items; unparseable " \
+                    f"{esc(unp.get('strict'))} / {esc(unp.get('robust'))})</td>" if i == 0 else ""
+            rows.append(f"<tr>{first}<td>{esc(name)}</td><td>{fmt(strict)}</td><td>{fmt(robust)}</td></tr>")
+    return ("<h2>Benchmark twins (ShapesWorld, official formats and scorers)</h2>\n<table><tr><th>task</th>"
+            "<th>metric</th><th>strict (official)</th><th>robust (lmmkit)</th></tr>" + "".join(rows) + "</table>")
+
+
 def _json_section(key: str, value: Any) -> str:
     body = json.dumps(value, indent=2, ensure_ascii=False, default=_json_default)
     return f"<h2>{esc(key)}</h2>\n<pre>{esc(body)}</pre>"
@@ -308,6 +323,7 @@ def render_html(results: Mapping, title: str = "lmmkit report") -> str:
     sections: list[str] = []
     renderers = {
         "pope": lambda v: _pope_section(v, results),
+        "benchmarks": _benchmarks_section,
         "timings": _timings_section,
         "stages": _stages_section,
         "loss_curves": loss_chart,

@@ -15,6 +15,24 @@ from lmmkit.train.features import FeatureCache
 POPE_PROMPT_SUFFIX = "\nAnswer the question using a single word or phrase."  # LLaVA-1.5's POPE prompt
 
 
+TWIN_TASKS: tuple[str, ...] = ("mme", "mmmu", "mathvista")
+
+
+def evaluate_twins(model: VisionLanguageModel, data_dir: Path, tasks: tuple[str, ...] = TWIN_TASKS) -> dict:
+    """The harness on lmmkit's ShapesWorld twins (written next to the data): {task: result}."""
+    from lmmkit.data.shapes.bench import write_bench
+    from lmmkit.eval.backends.lmmkit_model import LmmkitBackend
+    from lmmkit.eval.cache import ResponseCache
+    from lmmkit.eval.runner import EvalOptions, run_eval
+    from lmmkit.eval.tasks import get_tasks
+
+    bench = write_bench(Path(data_dir))["pope"].parent
+    backend = LmmkitBackend(model, fingerprint="in-memory model", name="demo model", progress=False)
+    # A fresh in-memory cache: the model is being trained, so no answer may outlive this call.
+    return run_eval(get_tasks(list(tasks)), backend, bench, ResponseCache(None),
+                    opts=EvalOptions(progress=False))["tasks"]
+
+
 def blank_image() -> Image.Image:
     """The blind control's image: an empty scene (background only)."""
     return Image.new("RGB", (IMAGE_SIZE, IMAGE_SIZE), (30, 30, 36))

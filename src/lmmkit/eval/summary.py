@@ -70,3 +70,14 @@ def format_results(results: Mapping) -> str:
         for name, sv, rv in headline(task, res):
             lines.append(f"  {name:<28}{fmt(sv):>10}{fmt(rv):>10}")
     return "\n".join(lines)
+
+
+def format_benchmarks(benchmarks: Mapping) -> str:
+    """{task: {"rows": headline rows, "n", "unparseable"}} as a plain-text table (the demo's)."""
+    lines = [f"\n{'task':<10}{'metric':<24}{'strict':>9}{'robust':>9}   items, unparseable (strict/robust)"]
+    for task, b in benchmarks.items():
+        unp = b.get("unparseable") or {}
+        for i, (name, sv, rv) in enumerate(b["rows"]):
+            extra = f"   {b.get('n')}, {unp.get('strict')}/{unp.get('robust')}" if i == 0 else ""
+            lines.append(f"{task if i == 0 else '':<10}{name:<24}{fmt(sv):>9}{fmt(rv):>9}{extra}")
+    return "\n".join(lines)
