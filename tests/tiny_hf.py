@@ -18,12 +18,20 @@ from transformers import (
     GPT2LMHeadModel,
     LlamaConfig,
     LlamaForCausalLM,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    LlavaNextConfig,
+    LlavaNextForConditionalGeneration,
+    LlavaNextImageProcessorPil,
+    LlavaNextProcessor,
+    LlavaProcessor,
     PreTrainedTokenizerFast,
     SiglipImageProcessorPil,
     SiglipVisionConfig,
     SiglipVisionModel,
 )
 
+from lmmkit import IMAGE_TOKEN
 from lmmkit.models.tokenizer import CHAT_TEMPLATE
 
 IMAGE_SIZE = 32
@@ -99,3 +107,69 @@ def plain_tokenizer(chat_template: str | None = CHAT_TEMPLATE, vocab_size: int =
                                   additional_special_tokens=["<|endoftext|>", "<|im_start|>"])
     tok.chat_template = chat_template
     return tok
+
+
+# Tiny HF image-text-to-text models (Llava, LlavaNext) with processors and a list-content chat template.
+
+LIST_CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
+    "{% for item in message['content'] %}"
+    "{% if item['type'] == 'image' %}" + IMAGE_TOKEN + "\n"
+    "{% elif item['type'] == 'text' %}{{ item['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def _configs(tokenizer, seed: int) -> tuple[CLIPVisionConfig, LlamaConfig]:
+    torch.manual_seed(seed)
+    vision = CLIPVisionConfig(image_size=IMAGE_SIZE, patch_size=PATCH, hidden_size=32,
+                              intermediate_size=64, num_hidden_layers=2, num_attention_heads=2)
+    # Wide init so logits are peaked: greedy ties (which could flip between batched/single) are unlikely.
+    text = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                       num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=512,
+                       initializer_range=0.2, pad_token_id=tokenizer.pad_token_id,
+                       eos_token_id=tokenizer.eos_token_id, bos_token_id=None, tie_word_embeddings=False)
+    return vision, text
+
+
+def save_tiny_llava(folder: Path, tokenizer, seed: int = 0) -> Path:
+    """LlavaForConditionalGeneration (CLIP 32px/patch 8, Llama 32 wide) + LlavaProcessor, in `folder`.
+
+    "default" feature selection drops CLS: 16 image tokens, which the processor reproduces from
+    patch_size=8 and num_additional_image_tokens=1 (CLS) minus the dropped one.
+    """
+    vision, text = _configs(tokenizer, seed)
+    image_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+    config = LlavaConfig(vision_config=vision, text_config=text, image_token_index=image_id,
+                         vision_feature_select_strategy="default", vision_feature_layer=-1)
+    LlavaForConditionalGeneration(config).save_pretrained(folder)
+    image_processor = CLIPImageProcessorPil(size={"shortest_edge": IMAGE_SIZE},
+                                            crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE})
+    LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=PATCH,
+                   vision_feature_select_strategy="default", num_additional_image_tokens=1,
+                   chat_template=LIST_CHAT_TEMPLATE).save_pretrained(folder)
+    return Path(folder)
+
+
+def save_tiny_llava_next(folder: Path, tokenizer, seed: int = 0) -> Path:
+    """LlavaNextForConditionalGeneration with anyres grids of 32px tiles + LlavaNextProcessor, in `folder`."""
+    vision, text = _configs(tokenizer, seed)
+    image_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+    size = IMAGE_SIZE
+    pinpoints = [[size, size], [size, 2 * size], [2 * size, size]]
+    config = LlavaNextConfig(vision_config=vision, text_config=text, image_token_index=image_id,
+                             vision_feature_select_strategy="default", vision_feature_layer=-1,
+                             image_grid_pinpoints=pinpoints)
+    LlavaNextForConditionalGeneration(config).save_pretrained(folder)
+    image_processor = LlavaNextImageProcessorPil(size={"shortest_edge": size},
+                                                 crop_size={"height": size, "width": size},
+                                                 image_grid_pinpoints=pinpoints)
+    LlavaNextProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=PATCH,
+                       vision_feature_select_strategy="default", num_additional_image_tokens=1,
+                       chat_template=LIST_CHAT_TEMPLATE).save_pretrained(folder)
+    return Path(folder)
+
+
+BUILDERS = {"llava": save_tiny_llava, "llava_next": save_tiny_llava_next}

@@ -157,3 +157,21 @@ def test_cli_eval_errors_name_the_problem(bench, tmp_path, capsys):
     assert "unknown task(s) vqa" in capsys.readouterr().err
     with pytest.raises(ValueError, match="openai:<base URL>#<model name>"):
         load_backend("openai:http://x/v1")
+
+
+def test_hf_llava_folder_through_the_harness_with_a_local_judge(bench, tmp_path, tiny_tokenizer, tiny_llama_dir,
+                                                                one_torch_thread):
+    """An HF LlavaForConditionalGeneration folder answers; a local HF causal LM judges (no endpoint)."""
+    from tiny_hf import save_tiny_llava
+
+    model = load_backend(str(save_tiny_llava(tmp_path / "llava", tiny_tokenizer)))
+    judge_backend = load_backend(str(tiny_llama_dir), text_only=True)
+    assert model.name == "hf:llava" and judge_backend.name.startswith("hf-text:")
+    cache = ResponseCache(None)
+    res = run_eval(get_tasks("pope,mmvet"), model, bench, cache, BackendJudge(judge_backend, cache),
+                   EvalOptions(limit=2, progress=False))["tasks"]
+    assert res["pope"]["n_items"] == 6 and not res["pope"]["failures"]
+    items = res["mmvet"]["items"]
+    assert len(items) == 2 and all(len(it["grader_replies"][0]) >= 1 for it in items)
+    # a random tiny judge cannot grade: each item took the official 5 tries and scored 0
+    assert res["mmvet"]["unparseable"]["strict"] == 2 and res["mmvet"]["strict"]["total"] == 0.0

@@ -5,91 +5,17 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-import torch
 from PIL import Image
-from transformers import (
-    CLIPImageProcessorPil,
-    CLIPVisionConfig,
-    LlamaConfig,
-    LlavaConfig,
-    LlavaForConditionalGeneration,
-    LlavaNextConfig,
-    LlavaNextForConditionalGeneration,
-    LlavaNextImageProcessorPil,
-    LlavaNextProcessor,
-    LlavaProcessor,
-)
 
-import tiny_hf
 from lmmkit import IMAGE_TOKEN
 from lmmkit.eval.backends.base import Backend, BackendError, GenerationSettings, Request
 from lmmkit.eval.backends.hf_model import HFImageTextBackend
+from tiny_hf import BUILDERS, save_tiny_llava
 
 # ChatML whose user content is a list: each image entry becomes "<image>\n", which the processor then
 # expands to the vision tower's patch count.
-LIST_CHAT_TEMPLATE = (
-    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
-    "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
-    "{% for item in message['content'] %}"
-    "{% if item['type'] == 'image' %}" + IMAGE_TOKEN + "\n"
-    "{% elif item['type'] == 'text' %}{{ item['text'] }}{% endif %}"
-    "{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
+
 GREEDY = GenerationSettings(max_new_tokens=6, temperature=0.0)
-
-
-def _configs(tokenizer, seed: int) -> tuple[CLIPVisionConfig, LlamaConfig]:
-    torch.manual_seed(seed)
-    vision = CLIPVisionConfig(image_size=tiny_hf.IMAGE_SIZE, patch_size=tiny_hf.PATCH, hidden_size=32,
-                              intermediate_size=64, num_hidden_layers=2, num_attention_heads=2)
-    # Wide init so logits are peaked: greedy ties (which could flip between batched/single) are unlikely.
-    text = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                       num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=512,
-                       initializer_range=0.2, pad_token_id=tokenizer.pad_token_id,
-                       eos_token_id=tokenizer.eos_token_id, bos_token_id=None, tie_word_embeddings=False)
-    return vision, text
-
-
-def save_tiny_llava(folder: Path, tokenizer, seed: int = 0) -> Path:
-    """LlavaForConditionalGeneration (CLIP 32px/patch 8, Llama 32 wide) + LlavaProcessor, in `folder`.
-
-    "default" feature selection drops CLS: 16 image tokens, which the processor reproduces from
-    patch_size=8 and num_additional_image_tokens=1 (CLS) minus the dropped one.
-    """
-    vision, text = _configs(tokenizer, seed)
-    image_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
-    config = LlavaConfig(vision_config=vision, text_config=text, image_token_index=image_id,
-                         vision_feature_select_strategy="default", vision_feature_layer=-1)
-    LlavaForConditionalGeneration(config).save_pretrained(folder)
-    image_processor = CLIPImageProcessorPil(size={"shortest_edge": tiny_hf.IMAGE_SIZE},
-                                            crop_size={"height": tiny_hf.IMAGE_SIZE, "width": tiny_hf.IMAGE_SIZE})
-    LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=tiny_hf.PATCH,
-                   vision_feature_select_strategy="default", num_additional_image_tokens=1,
-                   chat_template=LIST_CHAT_TEMPLATE).save_pretrained(folder)
-    return Path(folder)
-
-
-def save_tiny_llava_next(folder: Path, tokenizer, seed: int = 0) -> Path:
-    """LlavaNextForConditionalGeneration with anyres grids of 32px tiles + LlavaNextProcessor, in `folder`."""
-    vision, text = _configs(tokenizer, seed)
-    image_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
-    size = tiny_hf.IMAGE_SIZE
-    pinpoints = [[size, size], [size, 2 * size], [2 * size, size]]
-    config = LlavaNextConfig(vision_config=vision, text_config=text, image_token_index=image_id,
-                             vision_feature_select_strategy="default", vision_feature_layer=-1,
-                             image_grid_pinpoints=pinpoints)
-    LlavaNextForConditionalGeneration(config).save_pretrained(folder)
-    image_processor = LlavaNextImageProcessorPil(size={"shortest_edge": size},
-                                                 crop_size={"height": size, "width": size},
-                                                 image_grid_pinpoints=pinpoints)
-    LlavaNextProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=tiny_hf.PATCH,
-                       vision_feature_select_strategy="default", num_additional_image_tokens=1,
-                       chat_template=LIST_CHAT_TEMPLATE).save_pretrained(folder)
-    return Path(folder)
-
-
-BUILDERS = {"llava": save_tiny_llava, "llava_next": save_tiny_llava_next}
 
 
 @pytest.fixture(autouse=True)
