@@ -16,12 +16,12 @@ import json
 import os
 import random
 import re
-import tempfile
 import warnings
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
+from lmmkit.atomic import atomic_write
 from lmmkit.data.english import article
 
 SPLITS: tuple[str, ...] = ("random", "popular", "adversarial")
@@ -311,14 +311,7 @@ def write_pope_jsonl(rows: Iterable[Mapping], path: str | os.PathLike[str], extr
         if extra_keys:
             ordered.update((k, v) for k, v in row.items() if k not in ordered)
         lines.append(json.dumps(ordered, ensure_ascii=False))
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write("".join(line + "\n" for line in lines))
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(path, "".join(line + "\n" for line in lines))
     return path
 
 

@@ -11,11 +11,11 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from lmmkit.atomic import atomic_write
 from lmmkit.eval.charts import esc, f1_chart, is_number, loss_chart, pct, split_metrics
 
 METRICS: tuple[str, ...] = ("accuracy", "precision", "recall", "f1", "yes_ratio")
@@ -62,14 +62,7 @@ def _json_default(obj: Any) -> Any:
 
 
 def _atomic_write(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(path, text)
 
 
 def _mean_row(rows: Sequence[Mapping]) -> dict:

@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
+from lmmkit.atomic import atomic_open
 from lmmkit.data.check import (
     REASON_BAD_JSON,
     REASON_MALFORMED,
@@ -214,28 +214,18 @@ def write_llava(records: Iterable[ConversationRecord], path: Path, image_folder:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     n = 0
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            if _is_jsonl(path):
-                for record in records:
-                    f.write(json.dumps(_to_llava(record, image_folder), ensure_ascii=False) + "\n")
-                    n += 1
-            else:
-                # Streamed element by element so a large dataset is never one giant string.
-                f.write("[")
-                for record in records:
-                    f.write(",\n" if n else "\n")
-                    f.write(json.dumps(_to_llava(record, image_folder), ensure_ascii=False))
-                    n += 1
-                f.write("\n]\n")
-            f.flush()
-            os.fsync(f.fileno())
-        # mkstemp makes the file owner-only; keep the old file's mode, else the usual 0644.
-        os.chmod(tmp_name, path.stat().st_mode & 0o777 if path.exists() else 0o644)
-        os.replace(tmp_name, path)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
+    with atomic_open(path) as f:
+        if _is_jsonl(path):
+            for record in records:
+                f.write(json.dumps(_to_llava(record, image_folder), ensure_ascii=False) + "\n")
+                n += 1
+        else:
+            # Streamed element by element so a large dataset is never one giant string.
+            f.write("[")
+            for record in records:
+                f.write(",\n" if n else "\n")
+                f.write(json.dumps(_to_llava(record, image_folder), ensure_ascii=False))
+                n += 1
+            f.write("\n]\n")
     return n

@@ -22,9 +22,7 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import random
-import tempfile
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
@@ -32,6 +30,7 @@ from typing import Any
 
 from PIL import Image
 
+from lmmkit.atomic import atomic_write
 from lmmkit.data.english import article, plural
 from lmmkit.data.shapes.charts import QUESTION_KINDS as CHART_KINDS
 from lmmkit.data.shapes.charts import mathvista_record
@@ -67,17 +66,7 @@ about the real benchmarks. Written by `lmmkit.data.shapes.bench.write_bench` wit
 # ---- Files ----
 
 def _write_bytes(path: Path, data: bytes) -> None:
-    """Write `data` via a temp file in the same folder and os.replace: never half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(path, data)
 
 
 def _write_json(path: Path, obj: Any) -> None:

@@ -23,7 +23,6 @@ import multiprocessing as mp
 import os
 import random
 import re
-import tempfile
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -32,6 +31,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from lmmkit import __version__
+from lmmkit.atomic import atomic_open
 from lmmkit.data.formats.llava import write_llava
 from lmmkit.data.schema import ConversationRecord
 from lmmkit.data.shapes.render import render_scene
@@ -93,18 +93,9 @@ class ShapesDataset:
 
 
 def _write_atomic(path: Path, lines: Iterable[str]) -> None:
-    """Write text to `path` via a temp file in the same folder and os.replace: never half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            for line in lines:
-                f.write(line)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_open(path) as f:
+        for line in lines:
+            f.write(line)
 
 
 def _render_chunk(items: Sequence[tuple[dict, str]]) -> int:

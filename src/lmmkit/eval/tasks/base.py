@@ -8,6 +8,7 @@ cannot be used becomes a `LoadError` naming the file and the record; the run goe
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -79,6 +80,17 @@ def task_folder(root: Path, name: str) -> Path:
         return folder
     raise TaskDataError(f"{root}: no folder {name!r} (the task's files go in {folder}; "
                         "`lmmkit data bench --data DIR` writes ShapesWorld twins of every task)")
+
+
+def read_json_file(folder: Path, name: str):
+    """(path, parsed JSON) of `folder/name`; a missing or malformed file is a TaskDataError naming it."""
+    path = folder / name
+    if not path.is_file():
+        raise TaskDataError(f"{folder}: no {name}")
+    try:
+        return path, json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as err:
+        raise TaskDataError(f"{path}: not JSON: {err}") from err
 
 
 def require_image(path: Path, file: str, record: str, errors: list[LoadError]) -> bool:

@@ -9,13 +9,12 @@ rule). --judge-runs N repeats the rating; the report gives each run and the mean
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from pathlib import Path
 
 from lmmkit.eval.backends.base import GenerationSettings
 from lmmkit.eval.scoring.mmhal import aggregate_mmhal, build_judge_prompt, parse_rating
-from lmmkit.eval.tasks.base import Item, Judge, Loaded, LoadError, TaskDataError, task_folder
+from lmmkit.eval.tasks.base import Item, Judge, Loaded, LoadError, read_json_file, task_folder
 from lmmkit.eval.tasks.judged import judge_map, mean_std
 
 
@@ -26,13 +25,7 @@ class MMHalTask:
 
     def load(self, root: Path) -> Loaded:
         folder = task_folder(root, "mmhal")
-        path = folder / "response_template.json"
-        if not path.is_file():
-            raise TaskDataError(f"{folder}: no response_template.json")
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except ValueError as err:
-            raise TaskDataError(f"{path}: not JSON: {err}") from err
+        path, data = read_json_file(folder, "response_template.json")
         items, errors = [], []
         for i, row in enumerate(data):
             missing = [k for k in ("image_src", "question", "gt_answer") if k not in row]

@@ -10,7 +10,6 @@ comparable, so the judge is always reported beside the score.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -21,7 +20,7 @@ from lmmkit.eval.scoring.mmvet import (
     grade_with_retries,
     parse_grader_score,
 )
-from lmmkit.eval.tasks.base import Item, Judge, Loaded, LoadError, TaskDataError, task_folder
+from lmmkit.eval.tasks.base import Item, Judge, Loaded, LoadError, read_json_file, task_folder
 from lmmkit.eval.tasks.judged import judge_map
 
 
@@ -32,13 +31,7 @@ class MMVetTask:
 
     def load(self, root: Path) -> Loaded:
         folder = task_folder(root, "mmvet")
-        path = folder / "mm-vet.json"
-        if not path.is_file():
-            raise TaskDataError(f"{folder}: no mm-vet.json")
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except ValueError as err:
-            raise TaskDataError(f"{path}: not JSON: {err}") from err
+        path, data = read_json_file(folder, "mm-vet.json")
         items, errors = [], []
         for qid, row in data.items():
             missing = [k for k in ("imagename", "question", "answer") if k not in row]
