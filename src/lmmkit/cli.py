@@ -207,6 +207,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", help="also write the results JSON here")
     p.set_defaults(func=_eval)
 
+    from lmmkit.eval.rescore_cli import add_score_parser
+
+    add_score_parser(sub)  # `lmmkit score TASK FILES...`: rescore released predictions, no model
+
     p = sub.add_parser("report", help="compare eval runs: a table per task and a plot (HTML)")
     p.add_argument("runs", nargs="+", help="eval output folders (or their results.json)")
     p.add_argument("--out", default="runs/compare.html")

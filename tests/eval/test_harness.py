@@ -142,3 +142,35 @@ def test_timeouts_retries_and_garbage(tmp_path):
         calls["n"] = 0
         flaky = OpenAIBackend(f"openai:{server.url}#flaky", retries=2, backoff=0.01)
         assert flaky.generate([Request("hi")], settings) == ["fine"] and calls["n"] == 2
+
+
+def test_a_killed_eval_resumes_where_it_stopped(tmp_path):
+    """`lmmkit eval` in a real process, killed (SIGKILL) mid-run; the re-run asks only what is missing."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    truth = write_pope(tmp_path)
+    for split in ("random", "popular", "adversarial"):  # 36 -> 360 questions: long enough to kill mid-way
+        f = tmp_path / "pope" / f"coco_pope_{split}.json"
+        rows = [json.loads(x) for x in f.read_text().splitlines()] * 10
+        f.write_text("".join(json.dumps({**r, "question_id": i}) + "\n" for i, r in enumerate(rows)))
+    slow = seeing_answerer(truth)
+    with StubServer(lambda *a: (time.sleep(0.01), slow(*a))[1]) as server:
+        cmd = [sys.executable, "-m", "lmmkit.cli", "eval", "--model", f"openai:{server.url}#m", "--tasks", "pope",
+               "--data-root", str(tmp_path), "--out", str(tmp_path / "out")]
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.time() + 60
+        while len(server.requests) < 120 and time.time() < deadline:
+            time.sleep(0.02)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        asked_before = len(server.requests)
+        assert 100 <= asked_before < 360
+        assert subprocess.run(cmd, capture_output=True).returncode == 0
+        res = json.loads((tmp_path / "out" / "results.json").read_text())["tasks"]["pope"]
+        # at most one unfinished chunk of 32 per... answers committed chunk by chunk: little is asked twice
+        assert res["model_calls"] <= 360 - asked_before + 32 and res["from_cache"] >= asked_before - 32
+        assert res["strict"]["mean_f1"] == 1.0 and res["n_items"] == 360

@@ -285,6 +285,28 @@ def score_pope(predictions: Sequence[str | None], labels: Sequence[str]) -> dict
     }
 
 
+def score_pope_by_position(predictions: Sequence[str | None], labels: Sequence[str]) -> dict:
+    """`score_pope` with evaluate.py's pairing: predictions and labels are zipped by position.
+
+    The longer list is truncated, as ``zip`` does silently in the official; "n_predictions" and
+    "n_labels" say how many there were. yes_ratio is over *all* predictions, as the official computes
+    it before pairing. "undefined" lists the metrics whose denominator is zero (the official raises
+    ZeroDivisionError at the first of them; here they are 0.0).
+    """
+    n = min(len(predictions), len(labels))
+    out = score_pope(predictions[:n], labels[:n])
+    # every prediction scored against "yes": TP counts the literal yes answers, normalised as score_pope
+    # does (an unparseable one becomes "no" there, so it is not counted)
+    said_yes = score_pope(predictions, ["yes"] * len(predictions))["tp"]
+    out["yes_ratio"] = _ratio(said_yes, len(predictions))
+    precision_recall = out["precision"] + out["recall"]
+    checks = (("yes_ratio", len(predictions)), ("precision", out["tp"] + out["fp"]),
+              ("recall", out["tp"] + out["fn"]), ("f1", precision_recall), ("accuracy", n))
+    out.update(n_predictions=len(predictions), n_labels=len(labels),
+               undefined=[name for name, den in checks if not den])
+    return out
+
+
 def score_answers(answers: Sequence[str], labels: Sequence[str]) -> dict:
     """Score raw answers both ways: {"strict": official parser, "robust": lmmkit's parser}."""
     return {
@@ -315,15 +337,26 @@ def write_pope_jsonl(rows: Iterable[Mapping], path: str | os.PathLike[str], extr
     return path
 
 
-def read_pope_jsonl(path: str | os.PathLike[str]) -> list[dict]:
-    """Read a POPE question (or answer) file: one JSON object per non-blank line."""
+def read_pope_jsonl(path: str | os.PathLike[str], required: Sequence[str] = ()) -> list[dict]:
+    """Read a POPE question (or answer) file: one JSON object per non-blank line.
+
+    With `required`, every line must be a JSON object holding those keys; else ValueError naming
+    the file and line.
+    """
     rows = []
     with open(path, encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
                 continue
             try:
-                rows.append(json.loads(line))
+                row = json.loads(line)
             except json.JSONDecodeError as err:
                 raise ValueError(f"{path}:{lineno}: not a JSON object: {err}") from err
+            if required:
+                if not isinstance(row, dict):
+                    raise ValueError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
+                missing = [k for k in required if k not in row]
+                if missing:
+                    raise ValueError(f"{path}:{lineno}: no {', '.join(map(repr, missing))} field")
+            rows.append(row)
     return rows

@@ -30,7 +30,7 @@ class EvalOptions:
     limit: int | None = None  # at most this many items per task (after loading, in file order)
     judge_runs: int = 1
     strict_errors: bool = False
-    chunk: int = 256  # requests handed to the backend at once (progress and cache granularity)
+    chunk: int = 32  # requests handed to the backend at once: answers are committed after each chunk
     progress: bool = True
     out_dir: Path | None = None  # where tasks write files in their official result format (MME)
 

@@ -180,6 +180,12 @@ def _group_values(problem: Mapping, key: str) -> list:
     return [] if value is None else [value]
 
 
+def group_order(problems: Mapping[str, Mapping], key: str) -> list:
+    """A group's values in first-seen order: the order the official prints them in (pandas' ``unique()``),
+    except skills, which it prints in ``list(set(...))`` order, which depends on PYTHONHASHSEED."""
+    return list(dict.fromkeys(v for p in problems.values() for v in _group_values(p, key)))
+
+
 def score_mathvista(problems: Mapping[str, Mapping]) -> dict:
     """Per-pid prediction/true_false, overall and per-group accuracy (with the released string forms).
 

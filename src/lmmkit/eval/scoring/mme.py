@@ -44,17 +44,21 @@ class MMERow:
 # --------------------------------------------------------------------------------------------
 
 
-def read_mme_file(path: str | os.PathLike[str]) -> list[MMERow]:
+def read_mme_file(path: str | os.PathLike[str], allow_tabs: bool = False) -> list[MMERow]:
     """Read an MME template (3 fields) or result file (4 fields) as the official tool does.
 
     Lines come from text-mode ``readlines`` (universal newlines), split on tabs. The response is the
     raw 4th field, trailing "\\n" included. The ground truth may be any case of yes/no (the tool
     lower-cases it). Any other line, a blank one included, raises ValueError with its line number.
+    With `allow_tabs`, a response holding tabs (which crashes the official tool) is kept whole: the
+    fields after the third, joined by tabs. Every line is a row, so row i is line i + 1.
     """
     rows = []
     with open(path, encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
             fields = line.split("\t")
+            if allow_tabs and len(fields) > 4:
+                fields = [*fields[:3], "\t".join(fields[3:])]
             if len(fields) not in (3, 4):
                 raise ValueError(
                     f"{path}:{lineno}: expected 3 or 4 tab-separated fields "
@@ -219,19 +223,30 @@ def score_mme_dir(
     results_dir: str | os.PathLike[str],
     parser: Callable[[str], str | None] = parse_official,
     groups: Mapping[str, Sequence[str]] | None = None,
+    allow_tabs: bool = False,
 ) -> dict:
     """Read every ``<task>.txt`` result file in a directory, parse, and `score_mme` them.
 
     Official tasks come first in official order, then other files by name. A parser answer other
-    than "yes"/"no" (None included) counts as "other".
+    than "yes"/"no" (None included) counts as "other". With `allow_tabs`, responses holding tabs are
+    read whole (see `read_mme_file`) and listed in "tab_lines": {file path: [line numbers]}.
     """
     files = {p.stem: p for p in sorted(Path(results_dir).glob("*.txt"))}
     official = (*PERCEPTION, *COGNITION)
     names = [t for t in official if t in files] + [t for t in files if t not in official]
     subtasks = {}
+    tab_lines: dict[str, list[int]] = {}
     for name in names:
-        rows = read_mme_file(files[name])
+        rows = read_mme_file(files[name], allow_tabs=allow_tabs)
         if any(r.response is None for r in rows):
             raise ValueError(f"{files[name]}: a line has no response (3-field template line)")
+        if len(rows) % 2:  # named here: score_subtask's own error cannot say which file
+            raise ValueError(f"{files[name]}: {len(rows)} lines; MME lines come in pairs (two questions per image)")
+        tabbed = [i for i, r in enumerate(rows, 1) if "\t" in (r.response or "")]
+        if tabbed:
+            tab_lines[str(files[name])] = tabbed
         subtasks[name] = [(r.image, r.answer, parser(r.response) or "other") for r in rows]
-    return score_mme(subtasks, groups)
+    result = score_mme(subtasks, groups)
+    if allow_tabs:
+        result["tab_lines"] = tab_lines
+    return result
