@@ -100,7 +100,8 @@ class MMETask:
             sub = it.meta["subtask"]
             strict_rows.setdefault(sub, []).append((it.meta["image"], it.answer, official))
             robust_rows.setdefault(sub, []).append((it.meta["image"], it.answer, mine))
-            records.append({"id": it.id, "response": r, "answer": it.answer, "strict": official, "robust": mine,
+            records.append({"id": it.id, "cluster": f"{sub}/{it.meta['image']}", "response": r, "answer": it.answer,
+                            "strict": official, "robust": mine,
                             "correct_strict": official == it.answer.lower(),
                             "correct_robust": mine == it.answer.lower()})
         strict, robust = score_mme_rows(strict_rows), score_mme_rows(robust_rows)

@@ -83,7 +83,8 @@ class PopeTask:
             strict[split] = score_pope(official, labels)
             robust[split] = score_pope(mine, labels)
             for (it, r), o, m in zip(rows, official, mine, strict=True):
-                records.append({"id": it.id, "response": r, "answer": it.answer, "strict": o, "robust": m,
+                records.append({"id": it.id, "cluster": it.images[0].name, "response": r, "answer": it.answer,
+                                "strict": o, "robust": m,
                                 "correct_strict": o == it.answer.strip().lower(),
                                 "correct_robust": m == it.answer.strip().lower()})
         for agg in (strict, robust):
