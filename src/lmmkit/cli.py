@@ -99,10 +99,12 @@ def _eval(args: argparse.Namespace) -> int:
     opts = EvalOptions(limit=args.limit, judge_runs=args.judge_runs, strict_errors=args.strict_errors, out_dir=out)
     try:
         results = run_eval(tasks, backend, Path(args.data_root), cache, judge, opts)
-        if args.blind_control:
-            blind = run_eval([t for t in tasks if not getattr(t, "direct", False)], BlindBackend(backend),
-                             Path(args.data_root), cache, judge, opts)
-            results["blind_control"] = blind["tasks"]
+        if args.blind:
+            asked = [t for t in tasks if not getattr(t, "direct", False)]
+            blind_opts = EvalOptions(limit=args.limit, judge_runs=args.judge_runs, strict_errors=args.strict_errors)
+            for mode, key in (("blank", "blind_control"), ("none", "no_image_control")):
+                results[key] = run_eval(asked, BlindBackend(backend, mode), Path(args.data_root), cache, judge,
+                                        blind_opts)["tasks"]
     except (EvalError, TaskDataError) as err:
         print(f"error: {err}\n(answers so far are cached in {cache.path}; re-run to resume)", file=sys.stderr)
         return 1
@@ -201,7 +203,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--api-key-env", default="OPENAI_API_KEY", help="environment variable holding the API key")
     p.add_argument("--out", help="results folder (default runs/eval/<model name>)")
     p.add_argument("--cache", help="response cache file (default <out>/responses.sqlite)")
-    p.add_argument("--blind-control", action="store_true", help="also score with every image blanked")
+    p.add_argument("--blind", "--blind-control", dest="blind", action="store_true",
+                   help="also score every task with each image blanked, and with no image at all")
     p.add_argument("--limit", type=int, default=None, help="at most this many items per task (per split/subtask)")
     p.add_argument("--strict-errors", action="store_true", help="stop at the first bad record or failed call")
     p.add_argument("--json", help="also write the results JSON here")

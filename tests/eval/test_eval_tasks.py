@@ -142,8 +142,11 @@ def test_cli_eval_and_report(bench, checkpoint, tmp_path, capsys, one_torch_thre
     results = json.loads((out1 / "results.json").read_text())
     assert len(results["tasks"]["mmmu"]["items"]) == 8 and "response" in results["tasks"]["mmmu"]["items"][0]
     assert "<h2>mme</h2>" in (out1 / "report.html").read_text()
-    assert main([*args, "--out", str(out2), "--blind-control"]) == 0
-    assert "blind_control" in json.loads((out2 / "results.json").read_text())
+    assert main([*args, "--out", str(out2), "--blind"]) == 0
+    assert re.search(r"metric\s+strict\s+robust\s+blank img\s+no image", capsys.readouterr().out)
+    blind_run = json.loads((out2 / "results.json").read_text())
+    assert set(blind_run["blind_control"]) == set(blind_run["no_image_control"]) == {"pope", "mme", "mmmu"}
+    assert "<th>no image (strict)</th>" in (out2 / "report.html").read_text()
     assert main(["report", str(out1), str(out2), "--out", str(tmp_path / "cmp.html")]) == 0
     page = (tmp_path / "cmp.html").read_text()
     assert page.count("<svg") == 3 and "mmmu: accuracy (strict)" in page

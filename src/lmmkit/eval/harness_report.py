@@ -11,6 +11,7 @@ from lmmkit.eval.report import _CSS, _atomic_write, _json_default
 from lmmkit.eval.summary import fmt, headline, main_metric
 
 MAX_ITEMS_SHOWN = 50
+CONTROLS = {"blind_control": "blank image", "no_image_control": "no image"}  # results key -> column label
 
 
 def _page(title: str, body: str) -> str:
@@ -19,14 +20,15 @@ def _page(title: str, body: str) -> str:
             f"{body}\n</body>\n</html>\n")
 
 
-def _task_section(task: str, res: Mapping, blind: Mapping | None) -> str:
-    unp = res.get("unparseable") or {}
+def _task_section(task: str, res: Mapping, controls: Mapping[str, Mapping]) -> str:
+    """Strict beside robust, then one column per blind control that ran this task (strict)."""
     head = ("<tr><th>metric</th><th>strict (official)</th><th>robust (lmmkit)</th>"
-            + ("<th>blind control (strict)</th>" if blind else "") + "</tr>")
-    blind_rows = {name: sv for name, sv, _ in headline(task, blind)} if blind else {}
+            + "".join(f"<th>{esc(name)} (strict)</th>" for name in controls) + "</tr>")
+    control_rows = {name: {m: sv for m, sv, _ in headline(task, r)} for name, r in controls.items()}
     rows = "".join(f"<tr><td>{esc(name)}</td><td>{fmt(sv)}</td><td>{fmt(rv)}</td>"
-                   + (f"<td>{fmt(blind_rows.get(name))}</td>" if blind else "") + "</tr>"
+                   + "".join(f"<td>{fmt(c.get(name))}</td>" for c in control_rows.values()) + "</tr>"
                    for name, sv, rv in headline(task, res))
+    unp = res.get("unparseable") or {}
     notes = [f"{res.get('n_items', 0)} items from {esc(res.get('source', '?'))}",
              f"{res.get('model_calls', 0)} model calls, {res.get('from_cache', 0)} answers from the cache",
              f"unparseable answers: strict {esc(unp.get('strict', '-'))}, robust {esc(unp.get('robust', '-'))}",
@@ -50,11 +52,12 @@ def _task_section(task: str, res: Mapping, blind: Mapping | None) -> str:
 
 
 def render_eval_html(results: Mapping) -> str:
-    blind = results.get("blind_control") or {}
+    controls = {label: results.get(key) or {} for key, label in CONTROLS.items()}
     sections = [f"<p>model <b>{esc(results.get('model'))}</b>; data {esc(results.get('data_root'))}"
                 + (f"; judge {esc(results['judge'])} x {results.get('judge_runs', 1)} runs" if results.get("judge")
                    else "") + "</p>"]
-    sections += [_task_section(t, r, blind.get(t)) for t, r in results.get("tasks", {}).items()]
+    sections += [_task_section(t, r, {label: c[t] for label, c in controls.items() if t in c})
+                 for t, r in results.get("tasks", {}).items()]
     return _page("lmmkit eval", "\n".join(sections))
 
 

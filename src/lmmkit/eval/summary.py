@@ -66,9 +66,13 @@ def format_results(results: Mapping) -> str:
         lines.append(f"\n{task}  ({res.get('n_items', 0)} items, {res.get('model_calls', 0)} model calls, "
                      f"{len(res.get('failures') or [])} failed, {len(res.get('load_errors') or [])} bad records; "
                      f"unparseable strict {unp.get('strict', '-')}, robust {unp.get('robust', '-')})")
-        lines.append(f"  {'metric':<28}{'strict':>10}{'robust':>10}")
+        controls = [(label, {m: v for m, v, _ in headline(task, results[key][task])})
+                    for key, label in (("blind_control", "blank img"), ("no_image_control", "no image"))
+                    if task in (results.get(key) or {})]
+        lines.append(f"  {'metric':<28}{'strict':>10}{'robust':>10}" + "".join(f"{label:>11}" for label, _ in controls))
         for name, sv, rv in headline(task, res):
-            lines.append(f"  {name:<28}{fmt(sv):>10}{fmt(rv):>10}")
+            lines.append(f"  {name:<28}{fmt(sv):>10}{fmt(rv):>10}"
+                         + "".join(f"{fmt(c.get(name)):>11}" for _, c in controls))
     return "\n".join(lines)
 
 

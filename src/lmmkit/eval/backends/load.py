@@ -56,23 +56,31 @@ def load_backend(spec: str, text_only: bool = False, api_key_env: str = "OPENAI_
 
 
 class BlindBackend:
-    """The blind control: every image replaced by a blank one of the same size. A model that
-    scores as well blind as sighted is answering from the question, not the image."""
+    """Blind controls: every image replaced by a blank one of the same size ("blank"), or dropped so
+    the model gets the question alone ("none"). A model that scores as well blind as sighted is
+    answering from the question, not the image."""
 
-    def __init__(self, inner: Backend, colour: tuple[int, int, int] = (30, 30, 36)) -> None:
+    MODES = ("blank", "none")
+
+    def __init__(self, inner: Backend, mode: str = "blank", colour: tuple[int, int, int] = (30, 30, 36)) -> None:
+        if mode not in self.MODES:
+            raise ValueError(f"blind mode must be one of {', '.join(self.MODES)}, not {mode!r}")
         self.inner = inner
-        self.name = f"{inner.name} (blind)"
+        self.mode = mode
+        self.name = f"{inner.name} ({'blank image' if mode == 'blank' else 'no image'})"
         self.colour = colour
         self.concurrency = getattr(inner, "concurrency", 1)
 
     def fingerprint(self) -> str:
-        return self.inner.fingerprint() + ":blind"
+        return f"{self.inner.fingerprint()}:blind-{self.mode}"
 
     def _blank(self, image) -> Image.Image:
         size = image.size if isinstance(image, Image.Image) else Image.open(image).size
         return Image.new("RGB", size, self.colour)
 
     def generate(self, requests: Sequence[Request], settings: GenerationSettings) -> list[str | BackendError]:
+        if self.mode == "none":
+            return self.inner.generate([Request(r.prompt) for r in requests], settings)
         blind, bad = [], {}
         for i, r in enumerate(requests):
             try:
