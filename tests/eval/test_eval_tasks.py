@@ -178,3 +178,40 @@ def test_hf_llava_folder_through_the_harness_with_a_local_judge(bench, tmp_path,
     assert len(items) == 2 and all(len(it["grader_replies"][0]) >= 1 for it in items)
     # a random tiny judge cannot grade: each item took the official 5 tries and scored 0
     assert res["mmvet"]["unparseable"]["strict"] == 2 and res["mmvet"]["strict"]["total"] == 0.0
+
+
+def test_eval_writes_official_formats_that_lmmkit_score_rescores_identically(bench, tmp_path):
+    """What `lmmkit eval` writes in each benchmark's official format, rescored from the files alone by
+    `lmmkit score` (the official rules), gives the eval's strict numbers."""
+    from lmmkit.eval.rescore import (
+        score_mathvista_output,
+        score_mme_results,
+        score_mmmu_outputs,
+        score_pope_files,
+    )
+
+    def answer(model, prompt, images, temperature):
+        if not images:
+            return "Extracted answer: 3"
+        if "option's letter" in prompt:
+            return "B" if len(prompt) % 2 else "The answer is (C)."
+        if "Hint:" in prompt:
+            return "3" if "integer" in prompt else "I believe it is 2.5"
+        return "Yes." if len(prompt) % 3 else "No, there is not."
+    with StubServer(answer) as server:
+        model = OpenAIBackend(f"openai:{server.url}#vlm")
+        cache = ResponseCache(None)
+        judge = BackendJudge(OpenAIBackend(f"openai:{server.url}#judge"), cache)
+        out = tmp_path / "out"
+        res = run_eval(get_tasks("pope,mme,mmmu,mathvista"), model, bench, cache, judge,
+                       EvalOptions(progress=False, out_dir=out))["tasks"]
+    for split in ("random", "popular", "adversarial"):
+        again = score_pope_files(out / "pope_results" / f"pope_{split}_answers.json",
+                                 bench / "pope" / f"coco_pope_{split}.json")
+        assert again["strict"]["f1"] == res["pope"]["strict"][split]["f1"]
+    mme = score_mme_results(out / "mme_results")
+    assert mme["strict"]["perception_total"] == res["mme"]["strict"]["perception_total"]
+    mmmu = score_mmmu_outputs(out / "mmmu_results", all_subjects=True)  # the twin's subjects are not official
+    assert mmmu["strict"]["correct"] == res["mmmu"]["strict"]["correct"] > 0
+    mathvista = score_mathvista_output(out / "mathvista_results" / "output.json")
+    assert mathvista["strict"]["correct"] == res["mathvista"]["strict"]["correct"]

@@ -235,20 +235,26 @@ def score_mmmu_eval_only(predictions_json: PathLike, answers_json: PathLike, mod
     return _finish(result, fmt.mmmu_dict_line(strict), robust_text or None)
 
 
-def score_mmmu_outputs(outputs_dir: PathLike, mode: Mode = "strict") -> dict:
+def score_mmmu_outputs(outputs_dir: PathLike, mode: Mode = "strict", all_subjects: bool = False) -> dict:
     """MMMU main_parse_and_eval.py + print_results.py on ``<Subject>/output.json`` raw outputs: the
-    official parsers, with the seeded random fallback drawn in the official subject and file order."""
+    official parsers, with the seeded random fallback drawn in the official subject and file order.
+    The official reads only its 30 subjects; `all_subjects` also scores other folders (e.g. lmmkit's
+    ShapesWorld twin), drawing their fallbacks in alphabetical place."""
     strict_on, robust_on = _modes(mode)
     result = _result("mmmu", mode, {"outputs_dir": outputs_dir})
     root = Path(outputs_dir)
     if not root.is_dir():
         raise RescoreError(f"{outputs_dir}: not a folder of <Subject>/output.json files")
-    outputs = {s: fmt.read_mmmu_outputs(root / s / "output.json") for s in SUBJECTS if (root / s).is_dir()}
+    others = sorted(d.name for d in root.iterdir() if d.is_dir() and d.name not in SUBJECTS
+                    and (d / "output.json").is_file())
+    wanted = sorted([*SUBJECTS, *others]) if all_subjects else SUBJECTS
+    outputs = {s: fmt.read_mmmu_outputs(root / s / "output.json") for s in wanted if (root / s).is_dir()}
     if not outputs:
-        raise RescoreError(f"{outputs_dir}: no folder named after an MMMU subject (e.g. Art/output.json)")
-    others = sorted(d.name for d in root.iterdir() if d.is_dir() and d.name not in SUBJECTS)
-    if others:
-        result["warnings"].append(f"{outputs_dir}: folders {others} are not MMMU subjects; not read, as the official")
+        raise RescoreError(f"{outputs_dir}: no folder named after an MMMU subject (e.g. Art/output.json)"
+                           + (f"; other subjects {others} are read with --all-subjects" if others else ""))
+    if others and not all_subjects:
+        result["warnings"].append(f"{outputs_dir}: folders {others} are not MMMU subjects; not read, as the official"
+                                  " (--all-subjects reads them)")
     missing = [s for s in SUBJECTS if s not in outputs]
     if missing:
         result["warnings"].append(f"{outputs_dir}: no output for {len(missing)} subjects ({missing[:5]}...); "

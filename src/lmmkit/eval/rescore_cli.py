@@ -33,7 +33,7 @@ def _run(args: argparse.Namespace) -> dict:
         return score_pope_pairs(list(zip(paths[::2], paths[1::2], strict=True)), mode)
     if task == "mmmu":
         if len(paths) == 1 and Path(paths[0]).is_dir():
-            return score_mmmu_outputs(paths[0], mode)
+            return score_mmmu_outputs(paths[0], mode, all_subjects=args.all_subjects)
         if len(paths) != 2:
             raise RescoreError("mmmu needs OUTPUTS_DIR, or PREDICTIONS.json ANSWER_DICT.json (eval-only)")
         return score_mmmu_eval_only(paths[0], paths[1], mode)
@@ -92,6 +92,9 @@ def add_score_parser(subparsers: argparse._SubParsersAction) -> None:
             q.add_argument("--llava", metavar="ANSWERS", help="LLaVA's answers (JSON lines {question_id, text})")
             q.add_argument("--questions", help="LLaVA's question file (llava_pope_test.jsonl, with 'category')")
             q.add_argument("--labels-dir", help="folder of coco_pope_<category>.json label files")
+        if task == "mmmu":
+            q.add_argument("--all-subjects", action="store_true",
+                           help="also score subject folders outside the official 30 (the official skips them)")
         if task == "mathvista":
             q.add_argument("--scores-out", metavar="FILE",
                            help="write the scores file in the released scores_<model>.json format")

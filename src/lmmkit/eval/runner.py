@@ -101,8 +101,8 @@ def run_task(task: Task, backend: Backend, root: Path, cache: ResponseCache, jud
     scored = task.score(items, responses, judge, opts.judge_runs)
     write_results = getattr(task, "write_results", None)
     if write_results is not None and opts.out_dir is not None:
-        scored["official_result_files"] = [str(p) for p in write_results(items, responses,
-                                                                          Path(opts.out_dir) / f"{task.name}_results")]
+        folder = Path(opts.out_dir) / f"{task.name}_results"
+        scored["official_result_files"] = [str(p) for p in write_results(items, responses, folder, scored)]
     scored.update({
         "task": task.name, "source": loaded.source, "n_items": len(items), "model_calls": calls,
         "from_cache": len(items) - calls, "load_errors": [str(e) for e in loaded.errors],

@@ -13,6 +13,7 @@ import json
 from collections.abc import Sequence
 from pathlib import Path
 
+from lmmkit.atomic import atomic_write
 from lmmkit.eval.backends.base import GenerationSettings
 from lmmkit.eval.scoring.mathvista import (
     build_extraction_prompt,
@@ -91,3 +92,18 @@ class MathVistaTask:
                                 "robust": sum(e is None for e in robust_ext)},
                 "llm_extractions": len(need_llm) if judge is not None else 0,
                 "items": records}
+
+    @staticmethod
+    def write_results(items: Sequence[Item], responses: Sequence[str | None], out: Path,
+                      scored: dict | None = None) -> list[Path]:
+        """output.json keyed by pid: each problem with its `response` and the strict `extraction` (rules,
+        then the LLM extractor when a judge ran), as the official extract_answer.py writes it for
+        calculate_score.py. A reply nobody could read gets an empty extraction, which the official
+        normalisation maps to the shortest choice (multiple choice) or to no answer."""
+        extractions = {r["id"]: r["extraction_strict"] for r in (scored or {}).get("items", [])}
+        problems = {}
+        for it, r in zip(items, responses, strict=True):
+            text = r or ""
+            ext = extractions.get(it.id) if it.id in extractions else quick_extract(text, it.meta["problem"])
+            problems[it.id] = {**it.meta["problem"], "response": text, "extraction": ext or ""}
+        return [atomic_write(out / "output.json", json.dumps(problems, indent=2, ensure_ascii=False))]

@@ -111,7 +111,8 @@ class MMETask:
                 "items": records}
 
     @staticmethod
-    def write_results(items: Sequence[Item], responses: Sequence[str | None], out: Path) -> list[Path]:
+    def write_results(items: Sequence[Item], responses: Sequence[str | None], out: Path,
+                      scored: dict | None = None) -> list[Path]:
         """The official result files (<subtask>.txt, 4 fields) for the official calculation.py."""
         by_task: dict[str, list[MMERow]] = {}
         for it, r in zip(items, responses, strict=True):

@@ -15,6 +15,7 @@ import json
 from collections.abc import Sequence
 from pathlib import Path
 
+from lmmkit.atomic import atomic_write
 from lmmkit.eval.backends.base import GenerationSettings
 from lmmkit.eval.scoring.mmmu import (
     MULTIPLE_CHOICE,
@@ -161,3 +162,15 @@ class MMMUTask:
         return {"strict": strict, "robust": robust,
                 "unparseable": {"strict": len(strict["random_fallbacks"]), "robust": unparseable_robust},
                 "items": records}
+
+    @staticmethod
+    def write_results(items: Sequence[Item], responses: Sequence[str | None], out: Path,
+                      scored: dict | None = None) -> list[Path]:
+        """<Subject>/output.json with raw responses: the input of the official parse-and-eval."""
+        by_subject: dict[str, list[dict]] = {}
+        for it, r in zip(items, responses, strict=True):
+            by_subject.setdefault(it.meta["subject"], []).append(
+                {"id": it.id, "question_type": it.meta["question_type"], "answer": it.answer,
+                 "all_choices": it.meta["all_choices"], "index2ans": it.meta["index2ans"], "response": r or ""})
+        return [atomic_write(out / subject / "output.json", json.dumps(rows, indent=2, ensure_ascii=False))
+                for subject, rows in by_subject.items()]

@@ -10,6 +10,7 @@ import json
 from collections.abc import Sequence
 from pathlib import Path
 
+from lmmkit.atomic import atomic_write
 from lmmkit.eval.backends.base import GenerationSettings
 from lmmkit.eval.pope import SPLITS, parse_official, parse_robust, score_pope
 from lmmkit.eval.tasks.base import (
@@ -94,3 +95,16 @@ class PopeTask:
                 "unparseable": {name: sum(v["unparseable"] for k, v in agg.items() if k != "mean_f1")
                                 for name, agg in (("strict", strict), ("robust", robust))},
                 "items": records}
+
+    @staticmethod
+    def write_results(items: Sequence[Item], responses: Sequence[str | None], out: Path,
+                      scored: dict | None = None) -> list[Path]:
+        """Per split, the answers file the official evaluate.py reads (JSON lines, label-file order)."""
+        paths = []
+        for split in SPLITS:
+            rows = [{"question_id": it.id.split("/", 1)[1], "question": it.meta["question"], "answer": r or ""}
+                    for it, r in zip(items, responses, strict=True) if it.meta["split"] == split]
+            if rows:
+                paths.append(atomic_write(out / f"pope_{split}_answers.json",
+                                          "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)))
+        return paths
