@@ -213,6 +213,9 @@ def build_parser() -> argparse.ArgumentParser:
     from lmmkit.eval.rescore_cli import add_score_parser
 
     add_score_parser(sub)  # `lmmkit score TASK FILES...`: rescore released predictions, no model
+    from lmmkit.eval.compare_cli import add_compare_parser
+
+    add_compare_parser(sub)  # `lmmkit compare RUN_A RUN_B`: paired differences with intervals and tests
 
     p = sub.add_parser("report", help="compare eval runs: a table per task and a plot (HTML)")
     p.add_argument("runs", nargs="+", help="eval output folders (or their results.json)")
