@@ -138,15 +138,20 @@ def test_cli_eval_and_report(bench, checkpoint, tmp_path, capsys, one_torch_thre
             "--limit", "8"]
     assert main([*args, "--out", str(out1)]) == 0
     text = capsys.readouterr().out
-    assert re.search(r"pope .*\n\s+metric\s+strict\s+robust", text)
+    assert re.search(r"pope .*\n\s+metric\s+strict\s+95% CI\s+robust", text)
+    assert re.search(r"F1 mean\s+[\d.]+\s+\[[\d.]+, [\d.]+\]", text)
     results = json.loads((out1 / "results.json").read_text())
     assert len(results["tasks"]["mmmu"]["items"]) == 8 and "response" in results["tasks"]["mmmu"]["items"][0]
     assert "<h2>mme</h2>" in (out1 / "report.html").read_text()
     assert main([*args, "--out", str(out2), "--blind"]) == 0
-    assert re.search(r"metric\s+strict\s+robust\s+blank img\s+no image", capsys.readouterr().out)
+    assert re.search(r"metric\s+strict\s+95% CI\s+robust\s+blank img\s+no image", capsys.readouterr().out)
     blind_run = json.loads((out2 / "results.json").read_text())
     assert set(blind_run["blind_control"]) == set(blind_run["no_image_control"]) == {"pope", "mme", "mmmu"}
     assert "<th>no image (strict)</th>" in (out2 / "report.html").read_text()
+    assert main(["compare", str(out1), str(out2), "--html", str(tmp_path / "diff.html")]) == 0
+    # the same model twice: every difference is 0 and nothing is significant
+    assert "yes" not in [line.split()[-1] for line in capsys.readouterr().out.splitlines() if line.strip()]
+    assert "<svg" in (tmp_path / "diff.html").read_text()
     assert main(["report", str(out1), str(out2), "--out", str(tmp_path / "cmp.html")]) == 0
     page = (tmp_path / "cmp.html").read_text()
     assert page.count("<svg") == 3 and "mmmu: accuracy (strict)" in page

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from lmmkit.eval.charts import PALETTE, esc
 from lmmkit.eval.report import _CSS, _atomic_write, _json_default
-from lmmkit.eval.summary import fmt, headline, main_metric
+from lmmkit.eval.summary import fmt, headline, interval, main_metric
 
 MAX_ITEMS_SHOWN = 50
 CONTROLS = {"blind_control": "blank image", "no_image_control": "no image"}  # results key -> column label
@@ -22,10 +22,10 @@ def _page(title: str, body: str) -> str:
 
 def _task_section(task: str, res: Mapping, controls: Mapping[str, Mapping]) -> str:
     """Strict beside robust, then one column per blind control that ran this task (strict)."""
-    head = ("<tr><th>metric</th><th>strict (official)</th><th>robust (lmmkit)</th>"
+    head = ("<tr><th>metric</th><th>strict (official)</th><th>95% CI</th><th>robust (lmmkit)</th>"
             + "".join(f"<th>{esc(name)} (strict)</th>" for name in controls) + "</tr>")
     control_rows = {name: {m: sv for m, sv, _ in headline(task, r)} for name, r in controls.items()}
-    rows = "".join(f"<tr><td>{esc(name)}</td><td>{fmt(sv)}</td><td>{fmt(rv)}</td>"
+    rows = "".join(f"<tr><td>{esc(name)}</td><td>{fmt(sv)}</td><td>{esc(interval(res, name))}</td><td>{fmt(rv)}</td>"
                    + "".join(f"<td>{fmt(c.get(name))}</td>" for c in control_rows.values()) + "</tr>"
                    for name, sv, rv in headline(task, res))
     unp = res.get("unparseable") or {}

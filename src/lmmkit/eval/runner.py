@@ -99,6 +99,9 @@ def run_task(task: Task, backend: Backend, root: Path, cache: ResponseCache, jud
                         "an lmmkit checkpoint or an HF model folder)")
     responses, failures, calls = answer_items(task, items, backend, cache, opts)
     scored = task.score(items, responses, judge, opts.judge_runs)
+    from lmmkit.eval.task_stats import task_intervals  # numpy-heavy: imported when scoring
+
+    scored["intervals"] = task_intervals(task.name, scored)  # 95% bootstrap, clustered by image
     write_results = getattr(task, "write_results", None)
     if write_results is not None and opts.out_dir is not None:
         folder = Path(opts.out_dir) / f"{task.name}_results"

@@ -52,6 +52,12 @@ def main_metric(task: str, result: Mapping) -> tuple[str, float | None]:
     return (rows[0][0], rows[0][1]) if rows else ("", None)
 
 
+def interval(result: Mapping, metric: str, parser: str = "strict") -> str:
+    """"[low, high]" of a headline metric's 95% interval, or "" when none was computed."""
+    ci = _get(result, "intervals", parser, metric)
+    return f"[{fmt(ci['low'])}, {fmt(ci['high'])}]" if ci else ""
+
+
 def fmt(value: float | None) -> str:
     if value is None:
         return "-"
@@ -69,9 +75,10 @@ def format_results(results: Mapping) -> str:
         controls = [(label, {m: v for m, v, _ in headline(task, results[key][task])})
                     for key, label in (("blind_control", "blank img"), ("no_image_control", "no image"))
                     if task in (results.get(key) or {})]
-        lines.append(f"  {'metric':<28}{'strict':>10}{'robust':>10}" + "".join(f"{label:>11}" for label, _ in controls))
+        lines.append(f"  {'metric':<28}{'strict':>10}{'95% CI':>18}{'robust':>10}"
+                     + "".join(f"{label:>11}" for label, _ in controls))
         for name, sv, rv in headline(task, res):
-            lines.append(f"  {name:<28}{fmt(sv):>10}{fmt(rv):>10}"
+            lines.append(f"  {name:<28}{fmt(sv):>10}{interval(res, name):>18}{fmt(rv):>10}"
                          + "".join(f"{fmt(c.get(name)):>11}" for _, c in controls))
     return "\n".join(lines)
 
