@@ -16,11 +16,19 @@ def test_demo_small_writes_report_and_scores(tmp_path: Path) -> None:
                      batch_size=16, threads=1)
     results = run_demo(s)
     saved = json.loads((tmp_path / "demo" / "report" / "results.json").read_text())
-    assert saved["pope"].keys() == {"model", "blind control (blank image)", "after align only"}
+    assert saved["pope"].keys() == {"model", "blind control (blank image)", "no image", "after align only"}
     for condition in saved["pope"].values():
         for split in ("random", "popular", "adversarial"):
             assert condition[split]["strict"]["n"] == 8 * 6
-    assert "<svg" in (tmp_path / "demo" / "report" / "report.html").read_text()
+    # intervals bracket the estimates; SFT's effect on each POPE split has a paired test
+    for parser, metrics in saved["pope_intervals"].items():
+        for name, ci in metrics.items():
+            assert ci["low"] <= ci["estimate"] <= ci["high"], (parser, name)
+    effects = saved["stage_effects"]["align -> sft"]
+    assert {r["test"] for r in effects} == {"McNemar"} and all(0 <= r["p_value"] <= 1 for r in effects)
+    assert set(saved["benchmarks"]) == {"mme", "mmmu", "mathvista"}
+    page = (tmp_path / "demo" / "report" / "report.html").read_text()
+    assert "<svg" in page and "What each stage changed" in page and "Benchmark twins" in page
     assert [x["name"] for x in results["stages"]] == ["align", "sft"]
     assert (tmp_path / "demo" / "sft" / "checkpoint-3" / "llm.safetensors").exists()
     assert len(results["sample"]["conversation"]) == 8

@@ -17,12 +17,14 @@ from pathlib import Path
 import torch
 
 from lmmkit.config import config_from_dict, config_to_dict
+from lmmkit.data.shapes.bench import write_bench
 from lmmkit.data.shapes.generate import generate_shapes, load_scenes
 from lmmkit.data.shapes.text import SHORT_ANSWER
 from lmmkit.eval.generation import answer_questions, lm_loss
 from lmmkit.eval.report import format_table, write_report
-from lmmkit.eval.shapes import evaluate_pope, evaluate_twins
-from lmmkit.eval.summary import format_benchmarks, headline
+from lmmkit.eval.shapes import CONTROLS, TWIN_TASKS, evaluate_stage, pope_by_split
+from lmmkit.eval.summary import format_benchmarks, format_stage_effects, headline
+from lmmkit.eval.task_stats import compare_runs
 from lmmkit.models.build import build_vlm, describe
 from lmmkit.train.features import FeatureCache, open_image
 from lmmkit.train.loop import run_stage
@@ -81,6 +83,7 @@ def run_demo(s: DemoSettings) -> dict:
     generate_shapes(s.out / "data", seed=s.seed, n_train=s.n_train, n_test=s.n_test,
                            n_pope_images=s.n_pope_images)
     data_dir = s.out / "data"
+    bench = write_bench(data_dir)["pope"].parent  # the benchmark twins, in the official formats
     t = lap("generate data", t)
 
     llm, vision = s.llm, s.vision
@@ -114,7 +117,8 @@ def run_demo(s: DemoSettings) -> dict:
     stages.append(r)
     t = lap("align", t)
     # Each stage's contribution, measured: POPE right after the bridge-only align stage.
-    after_align = evaluate_pope(model, data_dir, cache=cache)  # run_stage re-applies train modes
+    features = FeatureCache()  # the frozen tower's features of the benchmark images, shared by all evals
+    after_align = evaluate_stage(model, bench, "after align", features=features)["model"]["pope"]
     t = lap("eval pope after align", t)
     sft_cfg = _config(s, "sft", llm, vision, data_dir / "train" / "conversations.json", str(r.checkpoint))
     r = run_stage(model, convs, stage="sft", output_dir=s.out / "sft", config=sft_cfg,
@@ -124,14 +128,15 @@ def run_demo(s: DemoSettings) -> dict:
     t = lap("sft", t)
 
     model.eval()
-    pope = {"model": evaluate_pope(model, data_dir, cache=cache),
-            "blind control (blank image)": evaluate_pope(model, data_dir, blind=True, cache=cache),
-            "after align only": after_align}
-    t = lap("eval pope", t)
+    final = evaluate_stage(model, bench, "after sft", ("pope", *TWIN_TASKS), features=features, controls=True)
+    pope = {"model": pope_by_split(final["model"]["pope"]),
+            **{name: pope_by_split(final[name]["pope"]) for name in CONTROLS},
+            "after align only": pope_by_split(after_align)}
+    # Did SFT change each score significantly? McNemar on the same questions, paired bootstrap interval.
+    sft_effect = compare_runs({"tasks": {"pope": after_align}}, {"tasks": {"pope": final["model"]["pope"]}})
+    t = lap("eval pope, blind controls, mme, mmmu, mathvista twins", t)
     loss = lm_loss(model, test_convs, cache=cache)
     t = lap("eval lm loss", t)
-    twins = evaluate_twins(model, data_dir)
-    t = lap("eval mme, mmmu, mathvista twins", t)
 
     scene = load_scenes(data_dir / "test" / "scenes.jsonl")[0]
     image = images / scene.extra["image"]
@@ -148,8 +153,14 @@ def run_demo(s: DemoSettings) -> dict:
         "pope": pope,
         "targets": {"pope_f1": 0.95, "yes_ratio": [0.45, 0.55]},
         "lm_loss": {k: round(v, 4) if isinstance(v, float) else v for k, v in loss.items()},
-        "benchmarks": {task: {"rows": headline(task, res), "n": res["n_items"], "unparseable": res["unparseable"]}
-                       for task, res in twins.items()},
+        "pope_intervals": final["model"]["pope"]["intervals"],
+        "stage_effects": {"align -> sft": [{k: row[k] for k in ("parser", "metric", "a", "b", "difference", "low",
+                                                                "high", "test", "p_value", "significant")}
+                                           for row in sft_effect["tasks"]["pope"]["rows"]]},
+        "benchmarks": {task: {"rows": headline(task, final["model"][task]), "n": final["model"][task]["n_items"],
+                              "unparseable": final["model"][task]["unparseable"],
+                              "intervals": final["model"][task]["intervals"]}
+                       for task in TWIN_TASKS},
         "stages": [{"name": x.stage, "steps": x.steps, "final_loss": round(x.final_loss, 4),
                     "seconds": round(x.seconds, 1), "tokens_per_second": round(x.tokens_per_second),
                     "checkpoint": str(x.checkpoint)} for x in stages],
@@ -165,6 +176,7 @@ def run_demo(s: DemoSettings) -> dict:
     paths = write_report(results, s.out / "report", title="lmmkit demo: ShapesWorld")
     print()
     print(format_table(results))
+    print(format_stage_effects(results["stage_effects"]))
     print(format_benchmarks(results["benchmarks"]))
     print(f"LM loss on held-out conversations (answer tokens): {loss['loss']:.4f} (perplexity {loss['perplexity']:.3f})")
     print("\nSample conversation about a held-out image (truth: " + ", ".join(scene.names) + ")")

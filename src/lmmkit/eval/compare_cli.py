@@ -15,7 +15,7 @@ from pathlib import Path
 
 from lmmkit.atomic import atomic_write
 from lmmkit.eval.charts import esc
-from lmmkit.eval.report import _CSS
+from lmmkit.eval.html import page
 from lmmkit.eval.summary import fmt
 from lmmkit.eval.task_stats import compare_runs
 
@@ -132,9 +132,7 @@ def render_html(result: Mapping, names: Sequence[str] = ("A", "B")) -> str:
     if result.get("skipped"):
         body.append("<h2>Not compared</h2><ul>" + "".join(f"<li>{esc(t)}: {esc(why)}</li>"
                                                           for t, why in result["skipped"].items()) + "</ul>")
-    return ("<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n"
-            f"<title>{esc(title)}</title>\n<style>{_CSS}</style>\n</head>\n<body>\n<h1>{esc(title)}</h1>\n"
-            + "\n".join(body) + "\n</body>\n</html>\n")
+    return page(title, "\n".join(body))
 
 
 def _compare(args: argparse.Namespace) -> int:

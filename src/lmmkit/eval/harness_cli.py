@@ -25,18 +25,21 @@ from lmmkit.eval.rescore_format import RescoreError
 
 
 def add_log_options(parser: argparse.ArgumentParser) -> None:
-    """Add --from, --diff, --a-scoring, --b-scoring, --show and (unless the parser has them) --task, --json."""
+    """Add --from, --diff, --a-scoring, --b-scoring, --show, and --task, --json unless the parser has them."""
     g = parser.add_argument_group("other harnesses' per-item outputs")
     g.add_argument("--from", dest="log_from", choices=HARNESSES, metavar="HARNESS",
-                   help="FILE is an lmms-eval --log_samples file (*_samples_<task>.jsonl) or a VLMEvalKit prediction "
-                        "file (<model>_<dataset>.xlsx/.tsv/.csv); rescore it with the official rules")
+                   help="FILE is an lmms-eval --log_samples file (*_samples_<task>.jsonl) or a VLMEvalKit "
+                        "prediction file (<model>_<dataset>.xlsx/.tsv/.csv); rescore it with the official "
+                        "rules")
     g.add_argument("--diff", nargs=2, metavar=("A", "B"),
-                   help="list the items on which two scorings disagree, and why: A and B are harness files or "
-                        "`lmmkit eval` results.json files (the same file twice with --a-scoring/--b-scoring)")
-    g.add_argument("--a-scoring", choices=SCORINGS, help="A's scoring: the harness's own verdicts (default for harness "
-                   "files), lmmkit strict (default for results.json) or robust")
+                   help="list the items on which two scorings disagree, and why: A and B are harness files "
+                        "or `lmmkit eval` results.json files (one file twice with --a-scoring/--b-scoring)")
+    g.add_argument("--a-scoring", choices=SCORINGS,
+                   help="A's scoring: the harness's own verdicts (default for harness files), lmmkit strict "
+                        "(default for results.json) or robust")
     g.add_argument("--b-scoring", choices=SCORINGS, help="B's scoring (defaults as for A)")
-    g.add_argument("--show", type=int, default=50, metavar="N", help="disagreements printed (all go to --json)")
+    g.add_argument("--show", type=int, default=50, metavar="N",
+                   help="disagreements printed (all go to --json)")
     for flag, kwargs in (("--task", {"choices": TASKS, "help": "the task, when the file name does not tell"}),
                          ("--json", {"metavar": "OUT", "help": "also write every number and item as JSON"})):
         try:
@@ -55,8 +58,10 @@ def _headline(task: str, m: Mapping | None, harness: str | None = None) -> str:
         return "not recomputable (no per-item verdicts in the file)"
     if task == "pope":
         o = m.get("overall", m)
-        line = (f"accuracy {_pct(o['accuracy'])}, precision {_pct(o['precision'])}, recall {_pct(o['recall'])}, "
-                f"F1 {_pct(o['f1'])}" + (f", yes ratio {_pct(o['yes_ratio'])}" if "yes_ratio" in o else ""))
+        line = (f"accuracy {_pct(o['accuracy'])}, precision {_pct(o['precision'])}, "
+                f"recall {_pct(o['recall'])}, F1 {_pct(o['f1'])}")
+        if "yes_ratio" in o:
+            line += f", yes ratio {_pct(o['yes_ratio'])}"
         if m.get("mean_f1") is not None:
             line += f"; mean F1 over {len(m['splits'])} splits {_pct(m['mean_f1'])}"
         elif harness == "vlmevalkit" and m.get("splits"):
@@ -68,7 +73,9 @@ def _headline(task: str, m: Mapping | None, harness: str | None = None) -> str:
     if task == "mmmu":
         return f"accuracy {_pct(m.get('acc_official', m['acc']))} ({m['correct']}/{m['total']})"
     line = f"accuracy {_pct(m.get('accuracy', m.get('acc')))} ({m['correct']}/{m['total']})"
-    return line + (f"; {m['judge_extractions']} by the harness's LLM extraction" if m.get("judge_extractions") else "")
+    if m.get("judge_extractions"):
+        line += f"; {m['judge_extractions']} by the harness's recorded extraction"
+    return line
 
 
 def rescore_text(result: Mapping) -> str:
@@ -76,8 +83,10 @@ def rescore_text(result: Mapping) -> str:
     task, harness, unp = result["task"], result["harness"], result["unparseable"]
     dis = result["disagreements"]
     lines = [f"{task} from {harness}: {result['file']} ({result['n_items']} items)",
-             f"strict (official rules):  {_headline(task, result.get('strict'))}",
-             f"robust (lmmkit's parser): {_headline(task, result.get('robust'))}; unparseable {unp.get('robust')}",
+             f"strict (official rules):  {_headline(task, result.get('strict'))}; "
+             + ("seeded random letters" if task == "mmmu" else "unparseable") + f" {unp.get('strict')}",
+             f"robust (lmmkit's parser): {_headline(task, result.get('robust'))}; "
+             f"unparseable {unp.get('robust')}",
              f"{harness} as recorded: {_headline(task, result.get('harness_own'), harness)}",
              f"items where strict and {harness} disagree: {dis['n']} ("
              + ", ".join(f"{r} {n}" for r, n in dis["strict_vs_harness"].items()) + ")"]
@@ -95,9 +104,9 @@ def _is_results_json(path: str) -> Any:
     return data if isinstance(data, dict) and isinstance(data.get("tasks"), dict) else None
 
 
-def _side(path: str, task: str | None, scoring: str | None, notes: list[str]) -> tuple[str, str, dict]:
-    """(task, scoring, view) of one --diff side."""
-    results = _is_results_json(path)
+def _side(path: str, results: Any, task: str | None, scoring: str | None,
+          notes: list[str]) -> tuple[str, str, dict]:
+    """(task, scoring, view) of one --diff side; `results` is the loaded results.json, or None."""
     if results is not None:
         task, view = results_view(results, task, scoring or "strict")
         return task, scoring or "strict", view
@@ -105,7 +114,8 @@ def _side(path: str, task: str | None, scoring: str | None, notes: list[str]) ->
     which = scoring or "harness"
     view = scoring_view(result, which)
     if not view and scoring is None:  # the file holds no per-item verdict of the harness's own
-        notes.append(f"{path}: no per-item verdicts of {result['harness']}'s own; comparing lmmkit strict instead")
+        notes.append(f"{path}: no per-item verdicts of {result['harness']}'s own; "
+                     "comparing lmmkit strict instead")
         which, view = "strict", scoring_view(result, "strict")
     return result["task"], which, view
 
@@ -113,11 +123,12 @@ def _side(path: str, task: str | None, scoring: str | None, notes: list[str]) ->
 def _diff_command(args: argparse.Namespace, task: str | None) -> dict:
     a_path, b_path = args.diff
     notes: list[str] = []
-    order = [(0, a_path, args.a_scoring), (1, b_path, args.b_scoring)]
-    order.sort(key=lambda s: _is_results_json(s[1]) is not None)  # harness files first: they tell the task
+    order = [(0, a_path, _is_results_json(a_path), args.a_scoring),
+             (1, b_path, _is_results_json(b_path), args.b_scoring)]
+    order.sort(key=lambda side: side[2] is not None)  # harness files first: they tell the task
     sides: list[Any] = [None, None]
-    for k, path, scoring in order:
-        sides[k] = _side(path, task, scoring, notes)
+    for k, path, results, scoring in order:
+        sides[k] = _side(path, results, task, scoring, notes)
         task = task or sides[k][0]
     (ta, sa, va), (tb, sb, vb) = sides
     if ta != tb:
@@ -128,9 +139,10 @@ def _diff_command(args: argparse.Namespace, task: str | None) -> dict:
     text = diff_text(diffs, a_name, b_name, len(va), len(vb), common, args.show)
     if not common:
         notes.append("no item id is in both: the two files name their items differently")
-    return {"task": ta, "a": {"file": a_path, "scoring": sa, "n": len(va)}, "b": {"file": b_path, "scoring": sb,
-            "n": len(vb)}, "common": common, "counts": reason_counts(diffs), "disagreements": diffs,
-            "text": text, "warnings": [], "notes": notes}
+    return {"task": ta, "a": {"file": a_path, "scoring": sa, "n": len(va)},
+            "b": {"file": b_path, "scoring": sb, "n": len(vb)}, "common": common,
+            "counts": reason_counts(diffs), "disagreements": diffs, "text": text, "warnings": [],
+            "notes": notes}
 
 
 def _task_and_file(args: argparse.Namespace) -> tuple[str | None, list[str]]:

@@ -33,7 +33,8 @@ def scoring_view(result: Mapping, which: str) -> dict[str, dict]:
     return view
 
 
-def results_view(results: Mapping | str | Path, task: str | None = None, which: str = "strict") -> tuple[str, dict]:
+def results_view(results: Mapping | str | Path, task: str | None = None,
+                 which: str = "strict") -> tuple[str, dict]:
     """(task, view) of an ``lmmkit eval`` results.json (a path or the loaded dict): its per-item strict or
     robust verdicts. `task` may be left out when the file holds one task."""
     if which not in ("strict", "robust"):
@@ -43,7 +44,8 @@ def results_view(results: Mapping | str | Path, task: str | None = None, which: 
             results = json.loads(Path(results).read_text(encoding="utf-8"))
         except (OSError, ValueError) as err:
             raise RescoreError(f"{results}: cannot read as results.json: {err}") from err
-    tasks = {name: t for name, t in (results.get("tasks") or {}).items() if isinstance(t, Mapping) and t.get("items")}
+    tasks = {name: t for name, t in (results.get("tasks") or {}).items()
+             if isinstance(t, Mapping) and t.get("items")}
     if task is None and len(tasks) == 1:
         task = next(iter(tasks))
     if task not in tasks:
@@ -80,7 +82,7 @@ def _reason(a: Mapping, b: Mapping) -> tuple[str, str]:
         return "judge", f"LLM-judged field {ja!r} vs {jb!r}"
     exact = [side for side, e in (("A", a), ("B", b)) if e.get("method") == "exact"]
     if exact:
-        return "exact match", f"{' and '.join(exact)} compared the whole response exactly instead of parsing it"
+        return "exact match", f"{' and '.join(exact)} compared the whole response exactly, not a parse"
     pa, pb = a.get("parsed"), b.get("parsed")
     if pa is None or pb is None or _canon(pa) != _canon(pb):
         return "parsing", f"parsed {pa!r} vs {pb!r}" + (" (not recorded)" if pa is None or pb is None else "")
@@ -100,8 +102,9 @@ def diff_scorings(a: Mapping[str, Mapping], b: Mapping[str, Mapping]) -> list[di
         if bool(ea["correct"]) == bool(eb["correct"]):
             continue
         reason, detail = _reason(ea, eb)
-        out.append({"id": item_id, "reason": reason, "verdict_a": bool(ea["correct"]), "verdict_b": bool(eb["correct"]),
-                    "parsed_a": ea.get("parsed"), "parsed_b": eb.get("parsed"), "response_a": ea.get("response"),
+        out.append({"id": item_id, "reason": reason, "verdict_a": bool(ea["correct"]),
+                    "verdict_b": bool(eb["correct"]), "parsed_a": ea.get("parsed"),
+                    "parsed_b": eb.get("parsed"), "response_a": ea.get("response"),
                     "response_b": eb.get("response"), "detail": detail})
     return out
 
@@ -117,7 +120,8 @@ def _short(value: Any, width: int = 40) -> str:
     return text if len(text) <= width else text[: width - 3] + "..."
 
 
-def diff_text(diffs: list[dict], a_name: str, b_name: str, n_a: int, n_b: int, common: int, show: int = 50) -> str:
+def diff_text(diffs: list[dict], a_name: str, b_name: str, n_a: int, n_b: int, common: int,
+              show: int = 50) -> str:
     """What ``lmmkit score --diff`` prints: the counts, then up to `show` disagreements."""
     counts = reason_counts(diffs)
     lines = [f"A: {a_name} ({n_a} items with a verdict)", f"B: {b_name} ({n_b} items with a verdict)",
@@ -125,9 +129,11 @@ def diff_text(diffs: list[dict], a_name: str, b_name: str, n_a: int, n_b: int, c
              f"disagreements: {len(diffs)} (" + ", ".join(f"{r} {n}" for r, n in counts.items()) + ")"]
     for d in diffs[:show]:
         verdicts = f"A {'right' if d['verdict_a'] else 'wrong'}, B {'right' if d['verdict_b'] else 'wrong'}"
-        lines.append(f"  {d['id']}: {d['reason']}: {verdicts}; parsed {_short(d['parsed_a'])} | {_short(d['parsed_b'])}"
-                     f"; response {_short(d['response_a'])}" + ("" if d["reason"] != "response"
-                                                              else f" | {_short(d['response_b'])}"))
+        responses = _short(d["response_a"])
+        if d["reason"] == "response":
+            responses += f" | {_short(d['response_b'])}"
+        detail = d["detail"] if len(d["detail"]) <= 100 else d["detail"][:97] + "..."
+        lines.append(f"  {d['id']}: {d['reason']}: {verdicts}; {detail}; response {responses}")
     if len(diffs) > show:
         lines.append(f"  ... {len(diffs) - show} more (all in --json)")
     return "\n".join(lines) + "\n"

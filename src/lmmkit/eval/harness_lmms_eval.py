@@ -11,8 +11,9 @@ samples that keep ``doc`` (the dataset row without its image fields). Fields use
   question, answer.
 * mmmu (``mmmu_val``): ``mmmu_acc`` {id, subdomain, question_type, answer, parsed_pred}; doc options (else
   the "A. ..." lines of ``input``).
-* mathvista (``mathvista_testmini``): ``llm_as_judge_eval`` (``gpt_eval_score`` in older versions) {question_id, query, choices, answer, extraction,
-  prediction, true_false, question_type, answer_type, precision, metadata}.
+* mathvista (``mathvista_testmini``): ``llm_as_judge_eval`` (``gpt_eval_score`` in older versions)
+  {question_id, query, choices, answer, extraction, prediction, true_false, question_type, answer_type,
+  precision, metadata}.
 """
 
 from __future__ import annotations
@@ -146,11 +147,15 @@ def mmmu_harness_verdict(question_type: str, answer: Any, parsed: Any) -> float 
     the official judges on its own gold, unconverted."""
     if parsed is None:
         return None
+    judge: Callable[[Any, Any], bool] = eval_multi_choice if question_type == MULTIPLE_CHOICE else eval_open
+    return float(any(judge(answer, p) for p in _passes(question_type, parsed)))
+
+
+def _passes(question_type: str, parsed: Any) -> list:
+    """parsed_pred as a list of attempts: the pass@k form is a list (of letters, or of open-parse lists)."""
     multiple = question_type == MULTIPLE_CHOICE
-    several = isinstance(parsed, list) and (not multiple and all(isinstance(p, list) for p in parsed) or multiple)
-    preds = parsed if several else [parsed]
-    judge: Callable[[Any, Any], bool] = eval_multi_choice if multiple else eval_open
-    return float(any(judge(answer, p) for p in preds))
+    several = isinstance(parsed, list) and (multiple or all(isinstance(p, list) for p in parsed))
+    return parsed if several else [parsed]
 
 
 def _lmms_mmmu(s: Mapping, doc: Mapping, response: str | None, where: str) -> dict:
@@ -159,13 +164,19 @@ def _lmms_mmmu(s: Mapping, doc: Mapping, response: str | None, where: str) -> di
     if item_id is None or qtype is None:
         raise HarnessLogError(f"{where}: an MMMU sample needs doc or mmmu_acc with id and question_type")
     raw_answer = doc.get("answer", m.get("answer", s.get("target")))
-    options = [str(o) for o in literal(doc["options"])] if "options" in doc else _options_from_prompt(s.get("input"))
+    if "options" in doc:
+        options = [str(o) for o in literal(doc["options"])]
+    else:
+        options = _options_from_prompt(s.get("input"))
     letters = [chr(ord("A") + i) for i in range(len(options))]
     meta = {"doc_id": s["doc_id"], "question_type": qtype, "subject": subject_of(str(item_id)),
-            "split": str(item_id).split("_")[0], "all_choices": letters, "index2ans": dict(zip(letters, options, strict=True))}
+            "split": str(item_id).split("_")[0], "all_choices": letters,
+            "index2ans": dict(zip(letters, options, strict=True))}
     parsed = m.get("parsed_pred")
+    passes = _passes(qtype, parsed) if parsed is not None else []
     return record(item_id, "mmmu", response, mmmu_gold(raw_answer, qtype), doc.get("question"), meta,
-                  mmmu_harness_verdict(qtype, raw_answer, parsed), parsed, "parse")
+                  mmmu_harness_verdict(qtype, raw_answer, parsed), passes[0] if len(passes) == 1 else parsed,
+                  "parse")
 
 
 def _lmms_mathvista(s: Mapping, doc: Mapping, response: str | None, where: str) -> dict:
@@ -173,15 +184,18 @@ def _lmms_mathvista(s: Mapping, doc: Mapping, response: str | None, where: str) 
     src = {**m, **doc}
     if "question_type" not in src or "answer_type" not in src:
         raise HarnessLogError(f"{where}: a MathVista sample needs doc or llm_as_judge_eval with the problem")
-    problem = {k: src.get(k) for k in ("question_type", "answer_type", "choices", "precision", "unit", "query")}
+    keys = ("question_type", "answer_type", "choices", "precision", "unit", "query")
+    problem = {k: src.get(k) for k in keys}
     problem["metadata"] = src.get("metadata") or {}
     extraction = m.get("extraction")
     # lmms-eval runs the official rule steps on the stripped response before its LLM extractor, except the
     # quoted-answer rule, which its default (quick_extract: false) leaves to the LLM
     text = (response or "").strip()
-    judged = extraction is not None and (quick_extract(text, problem) is None or bool(QUOTED_ANSWER.search(text)))
+    by_rules = quick_extract(text, problem) is not None and not QUOTED_ANSWER.search(text)
+    judged = extraction is not None and not by_rules
     return record(src.get("pid", m.get("question_id", s["doc_id"])), "mathvista", response, src.get("answer"),
-                  src.get("question"), {"doc_id": s["doc_id"], "problem": problem, "harness_extraction": extraction},
+                  src.get("question"),
+                  {"doc_id": s["doc_id"], "problem": problem, "harness_extraction": extraction},
                   flag(m.get("true_false")), m.get("prediction"), "judge" if judged else "parse",
                   extraction if judged else None)
 

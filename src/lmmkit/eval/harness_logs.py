@@ -29,11 +29,12 @@ from lmmkit.eval.scoring.mmmu import (
 )
 from lmmkit.eval.tasks.mme import as_result_file_text
 
-__all__ = ["HARNESSES", "TASKS", "HarnessLogError", "detect_harness", "read_log", "rescore_log", "rescore_records"]
+__all__ = ["HARNESSES", "TASKS", "HarnessLogError", "detect_harness", "read_log", "rescore_log",
+           "rescore_records"]
 
 
 def detect_harness(path: PathLike) -> str:
-    """The harness that wrote `path`: vlmevalkit for a table (or JSON lines with "prediction"), else lmms-eval."""
+    """Which harness wrote `path`: vlmevalkit for a table (or rows with "prediction"), else lmms-eval."""
     path = Path(path)
     suffix = path.suffix.lower()
     if suffix in (".xlsx", ".tsv", ".csv"):
@@ -51,7 +52,8 @@ def detect_harness(path: PathLike) -> str:
     raise HarnessLogError(f"{path}: cannot tell which harness wrote it; give --from lmms-eval|vlmevalkit")
 
 
-def read_log(path: PathLike, task: str | None = None, harness: str | None = None) -> tuple[str, str, list[dict]]:
+def read_log(path: PathLike, task: str | None = None,
+             harness: str | None = None) -> tuple[str, str, list[dict]]:
     """(harness, task, records) of an lmms-eval or VLMEvalKit file; either is detected when left out."""
     harness = harness or detect_harness(path)
     if harness not in HARNESSES:
@@ -96,13 +98,15 @@ def _pope_harness(recs: Sequence[Mapping], harness: str) -> dict | None:
         fn = sum(p == "no" and g == "yes" for p, g in pairs)
         precision = tp / (tp + fp) if tp + fp else 0.0
         recall = tp / (tp + fn) if tp + fn else 0.0
+        f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
         return {"accuracy": sum(r["harness_score"] for r in recs) / len(recs), "precision": precision,
-                "recall": recall, "f1": 2 * precision * recall / (precision + recall) if precision + recall else 0.0,
+                "recall": recall, "f1": f1,
                 "yes_ratio": sum(g == "yes" for _, g in pairs) / len(pairs), "n": len(recs),
                 "yes_ratio_is": "the share of yes labels (lmms-eval's pope_yes_ratio), not of yes answers"}
 
     def block(rows: Sequence[Mapping]) -> dict:  # VLMEvalKit: anything but "Yes" (Unknown too) is a no
-        m = pope.score_pope(["yes" if r["harness_parsed"] == "Yes" else "no" for r in rows], [r["answer"] for r in rows])
+        said = ["yes" if r["harness_parsed"] == "Yes" else "no" for r in rows]
+        m = pope.score_pope(said, [r["answer"] for r in rows])
         return {"f1": m["f1"], "accuracy": sum(r["harness_score"] for r in rows) / len(rows),
                 "precision": m["precision"], "recall": m["recall"], "n": len(rows)}
 
@@ -141,7 +145,8 @@ def _mme_pairs(recs: Sequence[Mapping], warnings: list[str]) -> list[list[int]]:
         groups.setdefault((cat, image), []).append(i)
     bad = [key for key, idx in groups.items() if len(idx) != 2]
     if bad:
-        warnings.append(f"{len(bad)} MME images without exactly two questions left out of all scores: {bad[:5]}")
+        warnings.append(f"{len(bad)} MME images without exactly two questions left out of all scores: "
+                        f"{bad[:5]}")
     return [idx for idx in groups.values() if len(idx) == 2]
 
 
@@ -150,7 +155,8 @@ def _mme_score(recs: Sequence[Mapping], pairs: list[list[int]], labels: Sequence
     for idx in pairs:
         for i in idx:
             r = recs[i]
-            subtasks.setdefault(str(r["meta"].get("category")), []).append((r["meta"].get("image"), r["answer"], labels[i]))
+            row = (r["meta"].get("image"), r["answer"], labels[i])
+            subtasks.setdefault(str(r["meta"].get("category")), []).append(row)
     return mme.score_mme(subtasks)
 
 
@@ -183,17 +189,19 @@ def _score_mmmu(recs: Sequence[Mapping], harness: str, result: dict) -> None:
         scored = [i for i, r in enumerate(recs) if r["meta"].get("split") == "validation"]
         result["notes"].append(f"scored the {len(scored)} validation items (the official MMMU val score); "
                                f"{len(recs) - len(scored)} items of other splits ({splits}) left out")
-    no_options = [recs[i]["id"] for i in scored
-                  if recs[i]["meta"]["question_type"] == MULTIPLE_CHOICE and not recs[i]["meta"]["all_choices"]]
+    no_options = [recs[i]["id"] for i in scored if recs[i]["meta"]["question_type"] == MULTIPLE_CHOICE
+                  and not recs[i]["meta"]["all_choices"]]
     if no_options:
-        result["warnings"].append(f"{len(no_options)} multiple-choice items without options left out: {no_options[:5]}")
+        result["warnings"].append(f"{len(no_options)} multiple-choice items without options left out: "
+                                  f"{no_options[:5]}")
         scored = [i for i in scored if recs[i]["id"] not in set(no_options)]
     by_subject: dict[str, list[dict]] = {}
     robust_items = []
     for i in scored:
         r, meta = recs[i], recs[i]["meta"]
         out = {"id": r["id"], "question_type": meta["question_type"], "answer": r["answer"],
-               "all_choices": meta["all_choices"], "index2ans": meta["index2ans"], "response": r["response"] or ""}
+               "all_choices": meta["all_choices"], "index2ans": meta["index2ans"],
+               "response": r["response"] or ""}
         by_subject.setdefault(meta["subject"], []).append(out)
         mine = (parse_multi_choice_robust(out["response"], meta["all_choices"], meta["index2ans"])
                 if meta["question_type"] == MULTIPLE_CHOICE else parse_open_robust(out["response"]))
@@ -214,11 +222,13 @@ def _score_mmmu(recs: Sequence[Mapping], harness: str, result: dict) -> None:
         agg.pop("judges", None)
     strict.pop("items", None)
     result["strict"], result["robust"] = strict, robust
-    result["unparseable"] = {"strict": len(fallbacks), "robust": sum(x["parsed_pred"] is None for x in robust_items)}
+    result["unparseable"] = {"strict": len(fallbacks),
+                             "robust": sum(x["parsed_pred"] is None for x in robust_items)}
     result["harness_own"] = _accuracy([recs[i] for i in scored], "subject", every=recs)
 
 
-def _accuracy(recs: Sequence[Mapping], group: str | None = None, every: Sequence[Mapping] | None = None) -> dict | None:
+def _accuracy(recs: Sequence[Mapping], group: str | None = None,
+              every: Sequence[Mapping] | None = None) -> dict | None:
     """The harness's own accuracy from its per-item verdicts (and per `group`; per split over `every`)."""
     if not recs or any(r["harness_score"] is None for r in recs):
         return None
@@ -257,21 +267,22 @@ def _score_mathvista(recs: Sequence[Mapping], harness: str, result: dict) -> Non
         for item in result["items"]:
             got = scored["per_pid"][item["id"]]
             judge = judged.get(item["id"]) if mode == "strict" else None
-            item[mode] = _entry(got["prediction"], got["true_false"], "judge" if judge is not None else "parse",
-                                judge, extraction=exts[item["id"]])
+            method = "judge" if judge is not None else "parse"
+            item[mode] = _entry(got["prediction"], got["true_false"], method, judge,
+                                extraction=exts[item["id"]])
         scored.pop("per_pid")
         result[mode] = scored
         result["unparseable"][mode] = sum(e is None for e in exts.values())
     result["strict"]["judge_extractions"] = len(judged)
     if judged:
         result["notes"].append(f"{len(judged)} responses the official rules cannot read were scored with the "
-                               f"extraction {harness} recorded (where the official pipeline asks its LLM extractor)")
+                               f"extraction {harness} recorded (the official pipeline asks its LLM there)")
     own = _accuracy(recs)
     if own is not None:
         own["accuracy_pct"] = round(own["acc"] * 100, 2)  # lmms-eval's reported number
     elif harness == "vlmevalkit":
-        result["notes"].append("VLMEvalKit keeps no per-item MathVista verdict (MathVista_acc recomputes it from "
-                               "'res'); its own aggregate is not recomputed")
+        result["notes"].append("VLMEvalKit keeps no per-item MathVista verdict (MathVista_acc recomputes "
+                               "it from 'res'); its own aggregate is not recomputed")
     result["harness_own"] = own
 
 
@@ -287,11 +298,12 @@ def rescore_records(records: Sequence[Mapping], task: str, harness: str, source:
     if task not in _SCORERS:
         raise HarnessLogError(f"unknown task {task!r}; choose from {list(TASKS)}")
     result: dict[str, Any] = {
-        "task": task, "harness": harness, "file": source, "n_items": len(records), "warnings": [], "notes": [],
-        "unparseable": {}, "harness_own": None,
+        "task": task, "harness": harness, "file": source, "n_items": len(records), "warnings": [],
+        "notes": [], "unparseable": {}, "harness_own": None,
         "items": [{"id": r["id"], "response": r["response"], "answer": r["answer"],
                    "strict": _entry(None, None), "robust": _entry(None, None),
-                   "harness": _entry(r["harness_parsed"], None if r["harness_score"] is None else bool(r["harness_score"]),
+                   "harness": _entry(r["harness_parsed"],
+                                     None if r["harness_score"] is None else bool(r["harness_score"]),
                                      r["harness_method"] or "parse", r["harness_judge"])} for r in records]}
     _SCORERS[task](records, harness, result)
     diffs = diff_scorings(scoring_view(result, "strict"), scoring_view(result, "harness"))

@@ -121,7 +121,8 @@ def read_table(path: PathLike) -> list[dict]:
         raise HarnessLogError(f"{path}: cannot read: {err.strerror or err}") from err
     except (ValueError, csv.Error) as err:
         raise HarnessLogError(f"{path}: not a valid {suffix[1:]} file: {err}") from err
-    raise HarnessLogError(f"{path}: unsupported prediction file type {suffix!r} (.xlsx, .tsv, .csv or .jsonl)")
+    raise HarnessLogError(f"{path}: unsupported prediction file type {suffix!r} "
+                          "(.xlsx, .tsv, .csv or .jsonl)")
 
 
 def _read_xlsx(path: Path) -> list[dict]:
@@ -226,8 +227,10 @@ def _vlm_mathvista(row: Mapping, where: str) -> dict:
         raise HarnessLogError(f"{where}: a MathVista row needs question_type and answer_type")
     choices = literal(row.get("choices")) if not missing(row.get("choices")) else None
     answer = text(row["answer"])
-    meta_keys = [k for k in GROUP_KEYS if k not in ("question_type", "answer_type") and not missing(row.get(k))]
-    problem = {"question_type": qtype, "answer_type": atype, "choices": choices if isinstance(choices, list) else None,
+    meta_keys = [k for k in GROUP_KEYS
+                 if k not in ("question_type", "answer_type") and not missing(row.get(k))]
+    problem = {"question_type": qtype, "answer_type": atype,
+               "choices": choices if isinstance(choices, list) else None,
                "precision": _precision(row, answer, atype), "unit": text(row.get("unit")),
                "metadata": {k: literal(row[k]) if k == "skills" else row[k] for k in meta_keys}}
     res, log = text(row.get("res")), text(row.get("log"))
@@ -249,8 +252,8 @@ def read_vlmevalkit(path: PathLike, task: str | None = None) -> tuple[str, list[
         raise HarnessLogError(f"{path}: no rows")
     missing_cols = [c for c in ("index", "prediction", "answer") if c not in rows[0]]
     if missing_cols:
-        raise HarnessLogError(f"{path}: no {', '.join(missing_cols)} column (a VLMEvalKit prediction file has "
-                              "index, question, answer, prediction, ...)")
+        raise HarnessLogError(f"{path}: no {', '.join(missing_cols)} column (a VLMEvalKit prediction file "
+                              "has index, question, answer, prediction, ...)")
     out = []
     for k, row in enumerate(rows, 2):  # row 1 is the header
         where = f"{path}: row {k}"

@@ -6,18 +6,13 @@ import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+from lmmkit.atomic import atomic_write
 from lmmkit.eval.charts import PALETTE, esc
-from lmmkit.eval.report import _CSS, _atomic_write, _json_default
+from lmmkit.eval.html import json_default, page
 from lmmkit.eval.summary import fmt, headline, interval, main_metric
 
 MAX_ITEMS_SHOWN = 50
 CONTROLS = {"blind_control": "blank image", "no_image_control": "no image"}  # results key -> column label
-
-
-def _page(title: str, body: str) -> str:
-    return ("<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n"
-            f"<title>{esc(title)}</title>\n<style>{_CSS}</style>\n</head>\n<body>\n<h1>{esc(title)}</h1>\n"
-            f"{body}\n</body>\n</html>\n")
 
 
 def _task_section(task: str, res: Mapping, controls: Mapping[str, Mapping]) -> str:
@@ -58,7 +53,7 @@ def render_eval_html(results: Mapping) -> str:
                    else "") + "</p>"]
     sections += [_task_section(t, r, {label: c[t] for label, c in controls.items() if t in c})
                  for t, r in results.get("tasks", {}).items()]
-    return _page("lmmkit eval", "\n".join(sections))
+    return page("lmmkit eval", "\n".join(sections))
 
 
 def write_eval_report(results: Mapping, out: Path) -> tuple[Path, Path]:
@@ -66,8 +61,8 @@ def write_eval_report(results: Mapping, out: Path) -> tuple[Path, Path]:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     json_path, html_path = out / "results.json", out / "report.html"
-    _atomic_write(json_path, json.dumps(results, indent=2, ensure_ascii=False, default=_json_default) + "\n")
-    _atomic_write(html_path, render_eval_html(results))
+    atomic_write(json_path, json.dumps(results, indent=2, ensure_ascii=False, default=json_default) + "\n")
+    atomic_write(html_path, render_eval_html(results))
     return json_path, html_path
 
 
@@ -127,5 +122,26 @@ def write_comparison(runs: Sequence[Path], out: Path) -> Path:
         sections.append(f"<h2>{esc(task)}</h2>\n{chart}\n{table}")
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    _atomic_write(out, _page(f"lmmkit: {len(runs)} eval runs compared", "\n".join(sections)))
+    atomic_write(out, page(f"lmmkit: {len(runs)} eval runs compared", "\n".join(sections)))
     return out
+
+
+def intervals_section(intervals: Mapping, title: str = "95% intervals (bootstrap, clustered by image)") -> str:
+    """{parser: {metric: {estimate, low, high}}} as a table."""
+    rows = "".join(f"<tr><td>{esc(parser)}</td><td>{esc(metric)}</td><td>{fmt(ci['estimate'])}</td>"
+                   f"<td>[{fmt(ci['low'])}, {fmt(ci['high'])}]</td></tr>"
+                   for parser, metrics in intervals.items() for metric, ci in metrics.items())
+    return (f"<h2>{esc(title)}</h2>\n<table><tr><th>parser</th><th>metric</th><th>estimate</th><th>95% CI</th>"
+            f"</tr>{rows}</table>")
+
+
+def stage_effects_section(effects: Mapping) -> str:
+    """{"a -> b": [compare rows]}: what each training stage changed, with a paired test."""
+    rows = "".join(
+        f"<tr><td>{esc(stage)}</td><td>{esc(r['parser'])}</td><td>{esc(r['metric'])}</td><td>{fmt(r['a'])}</td>"
+        f"<td>{fmt(r['b'])}</td><td>{fmt(r['difference'])}</td><td>[{fmt(r['low'])}, {fmt(r['high'])}]</td>"
+        f"<td>{esc(r['test'])}</td><td>{r['p_value']:.2g}</td><td>{'yes' if r['significant'] else 'no'}</td></tr>"
+        for stage, stage_rows in effects.items() for r in stage_rows)
+    return ("<h2>What each stage changed (paired, same questions)</h2>\n<table><tr><th>stages</th><th>parser</th>"
+            "<th>metric</th><th>before</th><th>after</th><th>difference</th><th>95% CI</th><th>test</th><th>p</th>"
+            f"<th>significant (0.05)</th></tr>{rows}</table>")

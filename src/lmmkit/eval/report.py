@@ -17,6 +17,8 @@ from typing import Any
 
 from lmmkit.atomic import atomic_write
 from lmmkit.eval.charts import esc, f1_chart, is_number, loss_chart, pct, split_metrics
+from lmmkit.eval.harness_report import intervals_section, stage_effects_section
+from lmmkit.eval.html import json_default, page
 
 METRICS: tuple[str, ...] = ("accuracy", "precision", "recall", "f1", "yes_ratio")
 _HEADERS = {
@@ -26,43 +28,13 @@ _HEADERS = {
     "f1": "F1",
     "yes_ratio": "yes-ratio",
 }
-_KNOWN = ("pope", "benchmarks", "timings", "stages", "loss_curves", "sample")
+_KNOWN = ("pope", "pope_intervals", "stage_effects", "benchmarks", "timings", "stages", "loss_curves", "sample")
 
-_CSS = """
-body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:2rem auto;max-width:1000px;
-color:#222;padding:0 1rem}
-h1{border-bottom:2px solid #4e79a7;padding-bottom:.3rem}
-h2{margin-top:2rem;border-bottom:1px solid #ddd}
-table{border-collapse:collapse;margin:.5rem 0 1rem}
-th,td{border:1px solid #ccc;padding:.25rem .6rem;text-align:right}
-th{background:#f3f5f8} td:first-child,th:first-child{text-align:left}
-tr.mean td{font-weight:600;background:#fafafa}
-pre{background:#f6f8fa;padding:.75rem;overflow:auto;border-radius:4px}
-.turn{margin:.4rem 0;padding:.5rem .75rem;border-radius:6px;white-space:pre-wrap}
-.role{font-weight:600;display:block;margin-bottom:.2rem;text-transform:capitalize}
-.user,.human{background:#eef3fb} .assistant,.gpt{background:#f1f8ee} .system{background:#f5f5f5}
-img.sample{max-width:384px;max-height:384px;border:1px solid #ccc}
-.note{color:#666;font-size:.9em}
-"""
 
 
 # --------------------------------------------------------------------------------------------
 # Shared helpers
 # --------------------------------------------------------------------------------------------
-
-
-def _json_default(obj: Any) -> Any:
-    if isinstance(obj, os.PathLike):
-        return os.fspath(obj)
-    if hasattr(obj, "tolist"):  # numpy / torch scalars and arrays
-        return obj.tolist()
-    if isinstance(obj, set | frozenset):
-        return sorted(obj, key=str)
-    return str(obj)
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    atomic_write(path, text)
 
 
 def _mean_row(rows: Sequence[Mapping]) -> dict:
@@ -237,7 +209,7 @@ def _cell(value: Any) -> str:
     if is_number(value) and isinstance(value, float):
         return esc(f"{value:.6g}")
     if isinstance(value, Mapping | list | tuple):
-        return esc(json.dumps(value, default=_json_default))
+        return esc(json.dumps(value, default=json_default))
     return esc("" if value is None else value)
 
 
@@ -285,7 +257,7 @@ def _sample_section(sample: Mapping) -> str:
         else:
             role, content = "", turn
         if not isinstance(content, str):
-            content = json.dumps(content, indent=2, default=_json_default)
+            content = json.dumps(content, indent=2, default=json_default)
         cls = role.lower() if role.lower() in ("user", "human", "assistant", "gpt", "system") else ""
         out.append(f'<div class="turn {cls}"><span class="role">{esc(role)}</span>{esc(content)}</div>')
     return "\n".join(out)
@@ -301,13 +273,17 @@ def _benchmarks_section(benchmarks: Mapping) -> str:
         for i, (name, strict, robust) in enumerate(b["rows"]):
             first = f"<td rowspan=\"{len(b['rows'])}\">{esc(task)} ({esc(b.get('n'))} items; unparseable " \
                     f"{esc(unp.get('strict'))} / {esc(unp.get('robust'))})</td>" if i == 0 else ""
-            rows.append(f"<tr>{first}<td>{esc(name)}</td><td>{fmt(strict)}</td><td>{fmt(robust)}</td></tr>")
+            ci = (b.get("intervals") or {}).get("strict", {}).get(name)
+            ci_text = f"[{fmt(ci['low'])}, {fmt(ci['high'])}]" if ci else ""
+            rows.append(f"<tr>{first}<td>{esc(name)}</td><td>{fmt(strict)}</td><td>{ci_text}</td>"
+                        f"<td>{fmt(robust)}</td></tr>")
     return ("<h2>Benchmark twins (ShapesWorld, official formats and scorers)</h2>\n<table><tr><th>task</th>"
-            "<th>metric</th><th>strict (official)</th><th>robust (lmmkit)</th></tr>" + "".join(rows) + "</table>")
+            "<th>metric</th><th>strict (official)</th><th>95% CI</th><th>robust (lmmkit)</th></tr>"
+            + "".join(rows) + "</table>")
 
 
 def _json_section(key: str, value: Any) -> str:
-    body = json.dumps(value, indent=2, ensure_ascii=False, default=_json_default)
+    body = json.dumps(value, indent=2, ensure_ascii=False, default=json_default)
     return f"<h2>{esc(key)}</h2>\n<pre>{esc(body)}</pre>"
 
 
@@ -316,6 +292,8 @@ def render_html(results: Mapping, title: str = "lmmkit report") -> str:
     sections: list[str] = []
     renderers = {
         "pope": lambda v: _pope_section(v, results),
+        "pope_intervals": lambda v: intervals_section(v, "POPE: 95% intervals (bootstrap, clustered by image)"),
+        "stage_effects": stage_effects_section,
         "benchmarks": _benchmarks_section,
         "timings": _timings_section,
         "stages": _stages_section,
@@ -333,13 +311,7 @@ def render_html(results: Mapping, title: str = "lmmkit report") -> str:
         if key not in _KNOWN:
             sections.append(_json_section(str(key), value))
     body = "\n".join(sections) if sections else '<p class="note">(no results)</p>'
-    return (
-        "<!DOCTYPE html>\n"
-        '<html lang="en">\n<head>\n<meta charset="utf-8">\n'
-        '<meta name="viewport" content="width=device-width, initial-scale=1">\n'
-        f"<title>{esc(title)}</title>\n<style>{_CSS}</style>\n</head>\n<body>\n"
-        f"<h1>{esc(title)}</h1>\n{body}\n</body>\n</html>\n"
-    )
+    return page(title, body)
 
 
 def write_report(results: dict, out_dir: Path, title: str = "lmmkit report") -> tuple[Path, Path]:
@@ -347,6 +319,6 @@ def write_report(results: dict, out_dir: Path, title: str = "lmmkit report") -> 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     json_path, html_path = out_dir / "results.json", out_dir / "report.html"
-    _atomic_write(json_path, json.dumps(results, indent=2, ensure_ascii=False, default=_json_default) + "\n")
-    _atomic_write(html_path, render_html(results, title))
+    atomic_write(json_path, json.dumps(results, indent=2, ensure_ascii=False, default=json_default) + "\n")
+    atomic_write(html_path, render_html(results, title))
     return json_path, html_path

@@ -85,10 +85,21 @@ def format_results(results: Mapping) -> str:
 
 def format_benchmarks(benchmarks: Mapping) -> str:
     """{task: {"rows": headline rows, "n", "unparseable"}} as a plain-text table (the demo's)."""
-    lines = [f"\n{'task':<10}{'metric':<24}{'strict':>9}{'robust':>9}   items, unparseable (strict/robust)"]
+    lines = [f"\n{'task':<10}{'metric':<24}{'strict':>9}{'95% CI':>18}{'robust':>9}   items, unparseable (s/r)"]
     for task, b in benchmarks.items():
         unp = b.get("unparseable") or {}
         for i, (name, sv, rv) in enumerate(b["rows"]):
             extra = f"   {b.get('n')}, {unp.get('strict')}/{unp.get('robust')}" if i == 0 else ""
-            lines.append(f"{task if i == 0 else '':<10}{name:<24}{fmt(sv):>9}{fmt(rv):>9}{extra}")
+            lines.append(f"{task if i == 0 else '':<10}{name:<24}{fmt(sv):>9}{interval(b, name):>18}{fmt(rv):>9}{extra}")
+    return "\n".join(lines)
+
+
+def format_stage_effects(effects: Mapping) -> str:
+    """What each training stage changed: before, after, difference with its 95% CI, test and p."""
+    lines = ["\nstage effect (paired, same questions)      before    after   diff          95% CI   test        p"]
+    for stage, rows in effects.items():
+        for r in rows:
+            lines.append(f"{stage:<14}{r['parser']:<7}{r['metric']:<20}{fmt(r['a']):>8}{fmt(r['b']):>9}"
+                         f"{fmt(r['difference']):>7}{'[' + fmt(r['low']) + ', ' + fmt(r['high']) + ']':>16}   "
+                         f"{r['test']:<10}{r['p_value']:>7.2g}{'  significant' if r['significant'] else ''}")
     return "\n".join(lines)

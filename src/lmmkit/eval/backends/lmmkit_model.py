@@ -28,13 +28,15 @@ class LmmkitBackend:
     """Answers with a VisionLanguageModel (one image per prompt, or none)."""
 
     def __init__(self, model: VisionLanguageModel, fingerprint: str, name: str = "lmmkit", batch_size: int = 64,
-                 progress: bool = True) -> None:
+                 progress: bool = True, features: FeatureCache | None = None) -> None:
         self.model = model
         self.name = name
         self._fingerprint = fingerprint
         self.batch_size = batch_size
         self.progress = progress
-        self.features = FeatureCache()  # lives as long as the backend: an image shared by tasks is encoded once
+        # Lives as long as the backend: an image shared by tasks is encoded once. Pass one in to share it
+        # between backends over the same frozen tower (e.g. one per training stage).
+        self.features = features if features is not None else FeatureCache()
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, **kwargs) -> LmmkitBackend:
