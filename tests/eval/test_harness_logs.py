@@ -36,8 +36,8 @@ def write_table(path, rows, delimiter="\t") -> str:
 
 def lmms_sample(doc_id, response, target, metrics, **extra) -> dict:
     """A sample as lmms-eval's evaluation tracker writes it (doc and arguments dropped, resps folded)."""
-    return {"doc_id": doc_id, "target": target, "filtered_resps": [response], "doc_hash": "h", "prompt_hash": "p",
-            "target_hash": "t", **extra, **metrics}
+    return {"doc_id": doc_id, "target": target, "filtered_resps": [response], "doc_hash": "h",
+            "prompt_hash": "p", "target_hash": "t", **extra, **metrics}
 
 
 def by_id(result) -> dict:
@@ -55,7 +55,7 @@ POPE_LMMS = [("1", "yes", "Yes"),              # official yes (right); lmms-eval
              ("3", "no", "No"),                # no / "no": both right
              ("4", "no", "There is no dog."),  # official no (right); lmms-eval the whole sentence (wrong)
              ("5", "no", "yes"),               # both wrong
-             ("6", "yes", "NO")]               # official: "NO" is not a negation word -> yes (right); lmms-eval wrong
+             ("6", "yes", "NO")]               # official: "NO" is no negation -> yes (right); lmms-eval wrong
 
 
 def pope_lmms_file(tmp_path, rows=POPE_LMMS, name="2024-06-01T00-00-00_samples_pope.jsonl") -> str:
@@ -111,10 +111,12 @@ def test_pope_lmms_eval_old_json_with_doc_scores_per_split(tmp_path):
             ("3", "yes", "No", "adversarial"), ("4", "no", "No", "adversarial")]
     logs = []
     for k, (qid, label, resp, cat) in enumerate(rows):
-        m = {"question_id": qid, "score": float(resp.lower() == label), "prediction": resp.lower(), "ground_truth": label}
+        m = {"question_id": qid, "score": float(resp.lower() == label), "prediction": resp.lower(),
+             "ground_truth": label}
         logs.append({"doc_id": k, "doc": {"question_id": qid, "question": "Is there a dog in the image?",
                                           "answer": label, "category": cat},
-                     "target": label, "arguments": [], "resps": [[resp]], "filtered_resps": [resp], "pope_accuracy": m})
+                     "target": label, "arguments": [], "resps": [[resp]], "filtered_resps": [resp],
+                     "pope_accuracy": m})
     path = tmp_path / "pope.json"
     path.write_text(json.dumps({"args": {}, "model_configs": {}, "logs": logs}))
     result = rescore_log(path)
@@ -126,7 +128,8 @@ def test_pope_lmms_eval_old_json_with_doc_scores_per_split(tmp_path):
     assert read_log(path)[2][0]["question"] == "Is there a dog in the image?"
 
 
-POPE_VLM = [  # index, answer, category, prediction, extracted (VLMEvalKit, judge when its rule says Unknown), score
+# index, answer, category, prediction, extracted (VLMEvalKit's rule, its judge when that says Unknown), score
+POPE_VLM = [
     (1, "Yes", "random", "Yes, there is a dog.", "Yes", True),    # official yes: right
     (2, "No", "popular,adversarial", "No", "No", True),          # official no: right (in two splits)
     (3, "Yes", "random", "I cannot see any", "Unknown", False),  # official: no negation word -> yes: right
@@ -136,8 +139,9 @@ POPE_VLM = [  # index, answer, category, prediction, extracted (VLMEvalKit, judg
 
 def test_pope_vlmevalkit_auxmatch_tsv(tmp_path):
     path = write_table(tmp_path / "llava_POPE_auxmatch.tsv", [
-        {"index": i, "question": "Is there a dog in the image?", "answer": a, "category": c, "image_path": f"{i}.jpg",
-         "prediction": p, "extracted": e, "score": s} for i, a, c, p, e, s in POPE_VLM])
+        {"index": i, "question": "Is there a dog in the image?", "answer": a, "category": c,
+         "image_path": f"{i}.jpg", "prediction": p, "extracted": e, "score": s}
+        for i, a, c, p, e, s in POPE_VLM])
     harness, task, records = read_log(path)
     assert (harness, task) == ("vlmevalkit", "pope")
     assert records[1]["meta"]["categories"] == ["popular", "adversarial"]
@@ -147,14 +151,15 @@ def test_pope_vlmevalkit_auxmatch_tsv(tmp_path):
     # official: yes no yes yes vs yes no yes no: TP 2, TN 1, FP 1
     o = result["strict"]["overall"]
     assert (o["tp"], o["tn"], o["fp"], o["fn"]) == (2, 1, 1, 0) and o["f1"] == pytest.approx(0.8)
-    # per split: random {1, 3} all right (F1 1); popular {2}: TN only (F1 0); adversarial {2, 4}: TN, FP (F1 0)
+    # per split: random {1, 3} all right (F1 1); popular {2}: TN only (F1 0); adversarial {2, 4}: TN, FP
     assert {c: s["f1"] for c, s in result["strict"]["splits"].items()} == {"random": 1.0, "popular": 0.0,
                                                                            "adversarial": 0.0}
     assert result["strict"]["mean_f1"] == pytest.approx(1 / 3)
     # VLMEvalKit's own: rows exploded by split (1, 2, 2, 3, 4); "Unknown" is not Yes: TP 1, FN 1, FP 0
     own = result["harness_own"]
     assert own["overall"]["f1"] == pytest.approx(2 / 3) and own["overall"]["accuracy"] == pytest.approx(4 / 5)
-    assert own["splits"]["random"]["f1"] == pytest.approx(2 / 3) and own["splits"]["random"]["accuracy"] == 0.5
+    assert own["splits"]["random"]["f1"] == pytest.approx(2 / 3)
+    assert own["splits"]["random"]["accuracy"] == 0.5
     # items 3 and 4: same response, different parse -> "parsing"
     diffs = diff_scorings(scoring_view(result, "strict"), scoring_view(result, "harness"))
     assert [(d["id"], d["reason"], d["parsed_a"], d["parsed_b"]) for d in diffs] == [
@@ -167,8 +172,10 @@ def test_pope_vlmevalkit_auxmatch_tsv(tmp_path):
 
 # (image, category, answer, response, lmms-eval score). lmms-eval's parse_pred_ans drops "." and reads a lone
 # "n" as no; the official calculation.py reads "n\n" as "other".
-MME_LMMS = [("existence/1.png", "existence", "Yes", "Yes", 1.0), ("existence/1.png", "existence", "No", "No", 1.0),
-            ("existence/2.png", "existence", "Yes", "Yes, it is.", 1.0), ("existence/2.png", "existence", "No", "N", 1.0),
+MME_LMMS = [("existence/1.png", "existence", "Yes", "Yes", 1.0),
+            ("existence/1.png", "existence", "No", "No", 1.0),
+            ("existence/2.png", "existence", "Yes", "Yes, it is.", 1.0),
+            ("existence/2.png", "existence", "No", "N", 1.0),
             ("code_reasoning/1.png", "code_reasoning", "Yes", "yes", 1.0),
             ("code_reasoning/1.png", "code_reasoning", "No", "Yes", 0.0)]
 
@@ -177,7 +184,8 @@ def test_mme_lmms_eval(tmp_path):
     samples = []
     for k, (img, cat, ans, resp, score) in enumerate(MME_LMMS):
         key = "mme_cognition_score" if cat == "code_reasoning" else "mme_percetion_score"
-        samples.append(lmms_sample(k, resp, ans, {key: {"question_id": img, "category": cat, "score": score}}))
+        m = {"question_id": img, "category": cat, "score": score}
+        samples.append(lmms_sample(k, resp, ans, {key: m}))
     path = write_jsonl(tmp_path / "2024_samples_mme.jsonl", samples)
     records = read_log(path)[2]
     assert [r["id"] for r in records[:4]] == ["existence/1.png#1", "existence/1.png#2", "existence/2.png#1",
@@ -188,22 +196,24 @@ def test_mme_lmms_eval(tmp_path):
     assert result["strict"]["perception_total"] == 125.0 and result["strict"]["cognition_total"] == 50.0
     assert result["unparseable"]["strict"] == 1
     # lmms-eval's own: existence all right (200), code_reasoning 50
-    assert result["harness_own"]["perception_total"] == 200.0 and result["harness_own"]["cognition_total"] == 50.0
+    own = result["harness_own"]
+    assert own["perception_total"] == 200.0 and own["cognition_total"] == 50.0
     diffs = diff_scorings(scoring_view(result, "strict"), scoring_view(result, "harness"))
-    assert [(d["id"], d["reason"], d["parsed_a"]) for d in diffs] == [("existence/2.png#2", "parsing", "other")]
+    assert [(d["id"], d["reason"], d["parsed_a"]) for d in diffs] == [
+        ("existence/2.png#2", "parsing", "other")]
 
 
 def test_mme_vlmevalkit_pairs_by_image_and_drops_a_lone_question(tmp_path):
-    rows = [  # VLMEvalKit: extracted by its yes/no word rule, an LLM judge when that says Unknown
-        {"index": 1, "image_path": "a.jpg", "answer": "Yes", "prediction": "Yes", "extracted": "Yes", "score": True},
-        {"index": 2, "image_path": "a.jpg", "answer": "No", "prediction": "no", "extracted": "No", "score": True},
-        {"index": 3, "image_path": "b.jpg", "answer": "Yes", "prediction": "Yes", "extracted": "Yes", "score": True},
-        # the official reads "i do" (first 4 characters): neither yes nor no -> other; the judge said No
-        {"index": 4, "image_path": "b.jpg", "answer": "No", "prediction": "I don't think so", "extracted": "No",
-         "score": True},
-        {"index": 5, "image_path": "c.jpg", "answer": "Yes", "prediction": "Yes", "extracted": "Yes", "score": True},
-    ]
-    path = write_table(tmp_path / "model_MME.tsv", [{**r, "question": "Is it red?", "category": "OCR"} for r in rows])
+    # (index, image, answer, prediction, extracted): VLMEvalKit's yes/no word rule, its judge when that
+    # says Unknown; score = answer == extracted
+    rows = [(1, "a.jpg", "Yes", "Yes", "Yes"), (2, "a.jpg", "No", "no", "No"),
+            (3, "b.jpg", "Yes", "Yes", "Yes"),
+            # the official reads "i do" (first 4 characters): neither yes nor no -> other; the judge: No
+            (4, "b.jpg", "No", "I don't think so", "No"),
+            (5, "c.jpg", "Yes", "Yes", "Yes")]
+    path = write_table(tmp_path / "model_MME.tsv", [
+        {"index": i, "image_path": img, "question": "Is it red?", "answer": a, "category": "OCR",
+         "prediction": p, "extracted": e, "score": a == e} for i, img, a, p, e in rows])
     result = rescore_log(path)
     assert any("c.jpg" in w for w in result["warnings"])  # c.jpg has one question: left out of every score
     # official OCR: a both right, b one right: acc 3/4, acc+ 1/2 -> 125; VLMEvalKit's: all right -> 200
@@ -219,8 +229,10 @@ def test_mme_vlmevalkit_pairs_by_image_and_drops_a_lone_question(tmp_path):
 # --------------------------------------------------------------------------------------------
 
 ANIMALS = ["cat", "dog", "bird", "fish"]
-MC_PROMPT = "<image 1> Which animal is shown?\n" + "\n".join(f"{chr(65 + i)}. {o}" for i, o in enumerate(ANIMALS)) + \
-    "\n\nAnswer with the option's letter from the given choices directly."
+OPTION_LINES = "\n".join(f"{chr(65 + i)}. {o}" for i, o in enumerate(ANIMALS))
+MC_PROMPT = (f"<image 1> Which animal is shown?\n{OPTION_LINES}\n\n"
+             "Answer with the option's letter from the given choices directly.")
+OPEN_PROMPT = "<image 1> How many?\n\nAnswer the question using a single word or phrase."
 
 
 def mmmu_lmms_file(tmp_path) -> str:
@@ -236,8 +248,7 @@ def mmmu_lmms_file(tmp_path) -> str:
     samples = []
     for k, (iid, qtype, ans, resp, parsed) in enumerate(items):
         m = {"id": iid, "subdomain": "Art", "question_type": qtype, "answer": ans, "parsed_pred": parsed}
-        prompt = MC_PROMPT if qtype == "multiple-choice" else "<image 1> How many?\n\nAnswer the question using a " \
-            "single word or phrase."
+        prompt = MC_PROMPT if qtype == "multiple-choice" else OPEN_PROMPT
         samples.append(lmms_sample(k, resp, ans, {"mmmu_acc": m, "mmmu_acc_pass_at_k": m}, input=prompt))
     return write_jsonl(tmp_path / "20240601_samples_mmmu_val.jsonl", samples)
 
@@ -245,21 +256,22 @@ def mmmu_lmms_file(tmp_path) -> str:
 def test_mmmu_lmms_eval(tmp_path):
     path = mmmu_lmms_file(tmp_path)
     records = read_log(path)[2]
-    assert records[0]["meta"]["index2ans"] == dict(zip("ABCD", ANIMALS, strict=True))  # from the logged prompt
+    # doc was dropped: the options come from the logged prompt
+    assert records[0]["meta"]["index2ans"] == dict(zip("ABCD", ANIMALS, strict=True))
     assert records[2]["answer"] == ["6", "6.0"] and records[2]["meta"]["all_choices"] == []
     assert [r["harness_score"] for r in records] == [1.0, 1.0, 0.0, 1.0]
 
     result = rescore_log(path)
     items = by_id(result)
-    assert items["validation_Art_2"]["strict"] == {"parsed": "A", "correct": False, "judge": None, "method": "parse",
-                                                   "random_letter": True}
+    assert items["validation_Art_2"]["strict"] == {"parsed": "A", "correct": False, "judge": None,
+                                                   "method": "parse", "random_letter": True}
     assert result["strict"]["correct"] == 3 and result["strict"]["acc_official"] == 0.75
     assert result["robust"]["correct"] == 4  # "(B)", the option text "bird", 6.0, "blue"
     assert result["harness_own"]["acc"] == 0.75
     diffs = diff_scorings(scoring_view(result, "strict"), scoring_view(result, "harness"))
     assert [(d["id"], d["reason"]) for d in diffs] == [("validation_Art_2", "parsing"),
                                                         ("validation_Art_3", "exact match")]
-    assert diffs[1]["parsed_a"] == [6.0] and diffs[1]["parsed_b"] == [[6.0]]
+    assert diffs[1]["parsed_a"] == diffs[1]["parsed_b"] == [6.0]  # one pass of the pass@k list
 
 
 def test_mmmu_harness_verdict_forms():
@@ -276,15 +288,16 @@ def test_mmmu_vlmevalkit_csv_scores_validation_only(tmp_path):
     rows = [
         {"index": 1, "split": "validation", **opts, "answer": "C", "prediction": "C", "hit": 1, "log": "C"},
         # more than 5 words: the official reads the option text "cat"; VLMEvalKit asked its judge
-        {"index": 2, "split": "validation", **opts, "answer": "A", "prediction": "I believe the first option, cat, "
-         "is correct", "hit": 1, "log": "A"},
+        {"index": 2, "split": "validation", **opts, "answer": "A",
+         "prediction": "I believe the first option, cat, is correct", "hit": 1, "log": "A"},
         # an open question: the official finds 42 after "is "; VLMEvalKit turned it into A = 42 / B = Other
         # Answers and its judge chose B
         {"index": 3, "split": "validation", "A": "42", "B": "Other Answers", "answer": "42",
          "prediction": "The result is 42 meters", "hit": 0, "log": "B"},
         {"index": 4, "split": "dev", **opts, "answer": "D", "prediction": "D", "hit": 1, "log": "D"},
     ]
-    rows = [{**r, "question": "Which animal?", "category": "Art Theory", "l2-category": "Art & Design"} for r in rows]
+    rows = [{**r, "question": "Which animal?", "category": "Art Theory", "l2-category": "Art & Design"}
+            for r in rows]
     path = write_table(tmp_path / "model_MMMU_DEV_VAL_gpt-4o_result.csv", rows, delimiter=",")
     records = read_log(path)[2]
     assert records[2]["meta"]["question_type"] == "open" and records[2]["meta"]["subject"] == "Art_Theory"
@@ -294,7 +307,8 @@ def test_mmmu_vlmevalkit_csv_scores_validation_only(tmp_path):
     assert any("validation" in n for n in result["notes"])
     assert (result["strict"]["correct"], result["strict"]["total"]) == (3, 3)
     own = result["harness_own"]
-    assert own["acc"] == pytest.approx(2 / 3) and own["by_split"] == {"validation": pytest.approx(2 / 3), "dev": 1.0}
+    assert own["acc"] == pytest.approx(2 / 3)
+    assert own["by_split"] == {"validation": pytest.approx(2 / 3), "dev": 1.0}
     diffs = diff_scorings(scoring_view(result, "strict"), scoring_view(result, "harness"))
     assert [(d["id"], d["reason"]) for d in diffs] == [("3", "judge")]
 
@@ -304,17 +318,19 @@ def test_mmmu_vlmevalkit_csv_scores_validation_only(tmp_path):
 # --------------------------------------------------------------------------------------------
 
 def mathvista_lmms_file(tmp_path) -> str:
-    # (pid, question_type, answer_type, choices, precision, answer, response, lmms-eval's extraction, prediction)
+    # (pid, question_type, answer_type, choices, precision, answer, response, lmms-eval's extraction and
+    # prediction)
     rows = [("1", "multi_choice", "text", ["3", "5", "7"], None, "5", "B", "B", "5"),  # rules cannot: LLM "B"
             ("2", "free_form", "integer", None, None, "3", "3", "3", "3"),              # int() rule
             ("3", "free_form", "float", None, 1, "1.5", "The answer is 1.50", "1.50", "1.5"),  # LLM
             # the official's quoted-answer rule reads 7; lmms-eval (quick_extract: false) asked its LLM: 8
             ("4", "free_form", "integer", None, None, "7", 'The answer is "7".', "8", "8"),
-            ("5", "free_form", "integer", None, None, "2", "2.9", "2.9", "2")]           # int(float) truncates
+            ("5", "free_form", "integer", None, None, "2", "2.9", "2.9", "2")]  # LLM; int(float) truncates
     samples = []
     for k, (pid, qt, at, ch, prec, ans, resp, ext, pred) in enumerate(rows):
-        m = {"question_id": pid, "query": "Q", "choices": ch, "answer": ans, "extraction": ext, "prediction": pred,
-             "true_false": pred == ans, "question_type": qt, "answer_type": at, "precision": prec,
+        m = {"question_id": pid, "query": "Q", "choices": ch, "answer": ans, "extraction": ext,
+             "prediction": pred, "true_false": pred == ans, "question_type": qt, "answer_type": at,
+             "precision": prec,
              "metadata": {"category": "math-targeted-vqa", "task": "figure question answering"}}
         samples.append(lmms_sample(k, resp, ans, {"llm_as_judge_eval": m, "submission": m}))
     return write_jsonl(tmp_path / "x_samples_mathvista_testmini.jsonl", samples)
@@ -344,10 +360,10 @@ def test_mathvista_vlmevalkit_tsv(tmp_path):
         {"index": 2, "question_type": "free_form", "answer_type": "integer", "answer": "3", "prediction": "3",
          "res": "3", "log": "Prefetch succeed"},
         # no precision column: inferred from the answer's decimals (1)
-        {"index": 3, "question_type": "free_form", "answer_type": "float", "answer": "1.5", "prediction": "about 1.5",
-         "res": "1.5", "log": "Succeed"},
-        {"index": 4, "question_type": "free_form", "answer_type": "list", "answer": "[1, 2]", "prediction": "[1, 2]",
-         "res": "[1, 2]", "log": "Succeed"},
+        {"index": 3, "question_type": "free_form", "answer_type": "float", "answer": "1.5",
+         "prediction": "about 1.5", "res": "1.5", "log": "Succeed"},
+        {"index": 4, "question_type": "free_form", "answer_type": "list", "answer": "[1, 2]",
+         "prediction": "[1, 2]", "res": "[1, 2]", "log": "Succeed"},
     ]
     path = write_table(tmp_path / "model_MathVista_MINI_gpt-4-turbo.tsv", [{**base, **r} for r in rows])
     records = read_log(path)[2]
@@ -400,24 +416,22 @@ def test_detection_and_errors(tmp_path):
 # --------------------------------------------------------------------------------------------
 
 def score_parser() -> argparse.ArgumentParser:
-    """`lmmkit score` as wired: a subparser per task holding PATH..., --json, and the log options."""
-    parser = argparse.ArgumentParser(prog="lmmkit score")
-    tasks = parser.add_subparsers(dest="score_task")
-    for task in ("pope", "mme", "mmmu", "mathvista"):
-        q = tasks.add_parser(task)
-        q.add_argument("paths", nargs="*")
-        q.add_argument("--json", metavar="OUT")
-        add_log_options(q)
+    """The real `lmmkit` command line (`lmmkit score TASK ...`)."""
+    from lmmkit.cli import build_parser
+
+    parser = build_parser()
+    real_parse = parser.parse_args
+    parser.parse_args = lambda argv: real_parse(["score", *argv])  # tests give what follows `lmmkit score`
     return parser
 
 
 def test_cli_rescore_with_json(tmp_path, capsys):
     path, out = pope_lmms_file(tmp_path), tmp_path / "out.json"
     args = score_parser().parse_args(["pope", "--from", "lmms-eval", path, "--json", str(out)])
-    assert run_log_command(args) == 0
+    assert args.func(args) == 0  # dispatched by `lmmkit score` itself
     text = capsys.readouterr().out
     assert "strict (official rules):  accuracy 0.8333" in text
-    assert "items where strict and lmms-eval disagree: 3 (response 0, judge 0, exact match 3, parsing 0)" in text
+    assert "strict and lmms-eval disagree: 3 (response 0, judge 0, exact match 3, parsing 0)" in text
     saved = json.loads(out.read_text())
     assert saved["harness_own"]["accuracy"] == pytest.approx(2 / 6) and len(saved["items"]) == 6
 
@@ -453,8 +467,8 @@ def test_cli_diff_against_lmmkit_results_json(tmp_path, capsys):
     # an `lmmkit eval` results.json: its items carry the strict parse and verdict
     items = [{"id": "validation_Art_1", "response": "(B) dog", "answer": "B", "strict": "B", "robust": "B",
               "correct_strict": True, "correct_robust": True},
-             {"id": "validation_Art_3", "response": "6", "answer": ["6", "6.0"], "strict": [6.0], "robust": [6.0],
-              "correct_strict": True, "correct_robust": True}]
+             {"id": "validation_Art_3", "response": "6", "answer": ["6", "6.0"], "strict": [6.0],
+              "robust": [6.0], "correct_strict": True, "correct_robust": True}]
     results = tmp_path / "results.json"
     results.write_text(json.dumps({"model": "m", "tasks": {"mmmu": {"items": items}}}))
     assert results_view(results)[0] == "mmmu"

@@ -60,8 +60,8 @@ def _headline(task: str, m: Mapping | None, harness: str | None = None) -> str:
         o = m.get("overall", m)
         line = (f"accuracy {_pct(o['accuracy'])}, precision {_pct(o['precision'])}, "
                 f"recall {_pct(o['recall'])}, F1 {_pct(o['f1'])}")
-        if "yes_ratio" in o:
-            line += f", yes ratio {_pct(o['yes_ratio'])}"
+        if "yes_ratio" in o:  # lmms-eval's is the share of yes labels
+            line += f", yes ratio{' (of labels)' if 'yes_ratio_is' in o else ''} {_pct(o['yes_ratio'])}"
         if m.get("mean_f1") is not None:
             line += f"; mean F1 over {len(m['splits'])} splits {_pct(m['mean_f1'])}"
         elif harness == "vlmevalkit" and m.get("splits"):

@@ -45,12 +45,13 @@ def load_lmms_eval_samples(path: PathLike) -> list[dict]:
         text = path.read_text(encoding="utf-8")
     except OSError as err:
         raise HarnessLogError(f"{path}: cannot read: {err.strerror or err}") from err
-    stripped = text.lstrip()
-    if stripped.startswith("{") and path.suffix.lower() == ".json":
+    data = None
+    if path.suffix.lower() == ".json":  # the older layout; a .json holding JSON lines is read as lines
         try:
             data = json.loads(text)
-        except ValueError as err:
-            raise HarnessLogError(f"{path}: not valid JSON: {err}") from err
+        except ValueError:
+            data = None
+    if data is not None:
         if not isinstance(data, dict) or not isinstance(data.get("logs"), list):
             raise HarnessLogError(f"{path}: expected lmms-eval's samples file with a 'logs' list")
         samples = data["logs"]
@@ -66,7 +67,6 @@ def load_lmms_eval_samples(path: PathLike) -> list[dict]:
         if not isinstance(s, dict) or "doc_id" not in s:
             raise HarnessLogError(f"{path}: sample {k}: not an lmms-eval sample (no doc_id)")
     return samples
-
 
 
 _LMMS_METRIC_TASK = {"pope_accuracy": "pope", "mme_percetion_score": "mme", "mme_cognition_score": "mme",

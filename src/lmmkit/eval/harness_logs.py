@@ -4,7 +4,7 @@
 `lmmkit.eval.harness_lmms_eval`); `rescore_log` scores them with lmmkit's oracle-tested scorers, strict (the
 official rules) and robust (lmmkit's parsers), and recomputes the harness's own aggregate from its per-item
 fields where it can. MathVista's official pipeline ends in an LLM extractor: where the official rules cannot
-read a response, strict reuses the extraction the harness's own LLM recorded (counted in "judge_extractions").
+read a response, strict uses the extraction the harness recorded instead (counted in "judge_extractions").
 """
 
 from __future__ import annotations
@@ -175,7 +175,11 @@ def _score_mme(recs: Sequence[Mapping], harness: str, result: dict) -> None:
             item[mode] = _entry(labels[i], labels[i] == r["answer"] if i in kept else None)
     if all(r["harness_score"] is not None for r in recs):  # the same arithmetic as both harnesses
         labels = [r["answer"] if r["harness_score"] else "other" for r in recs]
-        result["harness_own"] = _mme_score(recs, pairs, labels)
+        own = _mme_score(recs, pairs, labels)
+        # only verdicts are recorded: the confusion counts of a wrong answer are unknown
+        own["tasks"] = {t: {k: v[k] for k in ("acc", "acc_plus", "score", "n", "images")}
+                        for t, v in own["tasks"].items()}
+        result["harness_own"] = own
 
 
 # --------------------------------------------------------------------------------------------

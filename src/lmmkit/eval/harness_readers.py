@@ -69,7 +69,10 @@ def flag(value: Any) -> float | None:
             return 1.0
         if low in ("false", "no"):
             return 0.0
-        return float(float(low) > 0)
+        try:
+            return float(float(low) > 0)
+        except ValueError:
+            return None  # not a verdict
     return float(bool(value))
 
 
@@ -117,6 +120,8 @@ def read_table(path: PathLike) -> list[dict]:
             return rows
         if suffix == ".xlsx":
             return _read_xlsx(path)
+    except HarnessLogError:
+        raise
     except OSError as err:
         raise HarnessLogError(f"{path}: cannot read: {err.strerror or err}") from err
     except (ValueError, csv.Error) as err:
@@ -130,8 +135,13 @@ def _read_xlsx(path: Path) -> list[dict]:
         import openpyxl
     except ImportError as err:
         raise HarnessLogError(f"{path}: reading .xlsx needs openpyxl (pip install openpyxl), or save the "
-                              "predictions as .tsv (VLMEvalKit: PRED_FORMAT=tsv)") from err
-    book = openpyxl.load_workbook(path, read_only=True, data_only=True)
+                              "predictions as .tsv or .csv") from err
+    try:
+        book = openpyxl.load_workbook(path, read_only=True, data_only=True)
+    except OSError:
+        raise
+    except Exception as err:  # openpyxl raises zip and format errors of its own kinds
+        raise HarnessLogError(f"{path}: not a readable .xlsx file: {err}") from err
     try:
         rows = book.worksheets[0].iter_rows(values_only=True)
         header = [str(h) for h in next(rows, ())]

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from lmmkit.atomic import atomic_write
+from lmmkit.eval.harness_cli import add_log_options, run_log_command
 from lmmkit.eval.rescore import (
     MODES,
     RescoreError,
@@ -19,6 +20,8 @@ from lmmkit.eval.rescore import (
     score_pope_llava,
     score_pope_pairs,
 )
+
+LOG_TASKS = ("pope", "mme", "mmmu", "mathvista")  # tasks other harnesses' logs are read for
 
 
 def _run(args: argparse.Namespace) -> dict:
@@ -47,6 +50,8 @@ def _run(args: argparse.Namespace) -> dict:
 
 
 def _score_command(args: argparse.Namespace) -> int:
+    if getattr(args, "log_from", None) or getattr(args, "diff", None):
+        return run_log_command(args)
     try:
         result = _run(args)
         if args.json:
@@ -100,4 +105,6 @@ def add_score_parser(subparsers: argparse._SubParsersAction) -> None:
                            help="write the scores file in the released scores_<model>.json format")
         if task == "mmvet":
             q.add_argument("--mmvet-json", metavar="FILE", help="mm-vet.json, for the per-capability totals")
+        if task in LOG_TASKS:  # lmms-eval / VLMEvalKit per-item logs, and --diff of two scorings
+            add_log_options(q)
         q.set_defaults(func=_score_command)
