@@ -80,6 +80,10 @@ def test_every_task_runs_on_the_twins_and_reruns_from_cache(bench, checkpoint, t
         assert res["mmvet"]["strict"]["runs"] == [40.0, 60.0] and res["mmvet"]["strict"]["std"] == 10.0
         assert res["mmhal"]["strict"]["average"]["mean"] == 4.0 and res["mmhal"]["strict"]["hallucination_rate"]["mean"] == 0
         assert 0 < res["lmloss"]["strict"]["loss"] and res["lmloss"]["strict"]["tokens"] > 0
+        answers = json.loads((tmp_path / "out" / "mmvet_results" / "results.json").read_text())
+        assert sorted(answers) == sorted(it["id"] for it in res["mmvet"]["items"])
+        template = json.loads((tmp_path / "out" / "mmhal_results" / "response_template.json").read_text())
+        assert [t["model_answer"] for t in template] == [it["response"] for it in res["mmhal"]["items"]]
         # The MME result files in the official format score the same with the official rules.
         official = score_mme_dir(tmp_path / "out" / "mme_results")
         assert official["other_total"] == res["mme"]["strict"]["other_total"]

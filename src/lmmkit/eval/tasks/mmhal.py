@@ -9,9 +9,11 @@ rule). --judge-runs N repeats the rating; the report gives each run and the mean
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from pathlib import Path
 
+from lmmkit.atomic import atomic_write
 from lmmkit.eval.backends.base import GenerationSettings
 from lmmkit.eval.scoring.mmhal import aggregate_mmhal, build_judge_prompt, parse_rating
 from lmmkit.eval.tasks.base import Item, Judge, Loaded, LoadError, read_json_file, task_folder
@@ -63,6 +65,13 @@ class MMHalTask:
                         for rep in rep_run)
         return {"strict": strict, "robust": None, "unparseable": {"strict": no_rating, "robust": None},
                 "items": records}
+
+    @staticmethod
+    def write_results(items: Sequence[Item], responses: Sequence[str | None], out: Path,
+                      scored: dict | None = None) -> list[Path]:
+        """The response template with `model_answer` filled in: what the official judge script reads."""
+        rows = [{**it.meta["row"], "model_answer": r or ""} for it, r in zip(items, responses, strict=True)]
+        return [atomic_write(out / "response_template.json", json.dumps(rows, indent=2, ensure_ascii=False))]
 
 
 def _plain_aggregate(ratings: list[int]) -> dict:

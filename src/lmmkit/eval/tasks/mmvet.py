@@ -10,9 +10,11 @@ comparable, so the judge is always reported beside the score.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from pathlib import Path
 
+from lmmkit.atomic import atomic_write
 from lmmkit.eval.backends.base import GenerationSettings
 from lmmkit.eval.scoring.mmvet import (
     aggregate_mmvet,
@@ -68,3 +70,10 @@ class MMVetTask:
                    for i, (it, r) in enumerate(zip(items, responses, strict=True))]
         return {"strict": total, "robust": None,
                 "unparseable": {"strict": failed, "robust": None}, "items": records}
+
+    @staticmethod
+    def write_results(items: Sequence[Item], responses: Sequence[str | None], out: Path,
+                      scored: dict | None = None) -> list[Path]:
+        """The official evaluator's input: {id: answer} JSON."""
+        answers = {it.id: r or "" for it, r in zip(items, responses, strict=True)}
+        return [atomic_write(out / "results.json", json.dumps(answers, indent=2, ensure_ascii=False))]
