@@ -6,12 +6,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from lmmkit.atomic import atomic_write
 from lmmkit.eval.harness_diff import (
     SCORINGS,
     diff_scorings,
@@ -21,7 +19,7 @@ from lmmkit.eval.harness_diff import (
     scoring_view,
 )
 from lmmkit.eval.harness_logs import HARNESSES, TASKS, HarnessLogError, dump_result, rescore_log
-from lmmkit.eval.rescore_format import RescoreError
+from lmmkit.eval.rescore_format import run_and_print
 
 
 def add_log_options(parser: argparse.ArgumentParser) -> None:
@@ -155,27 +153,15 @@ def run_log_command(args: argparse.Namespace) -> int:
     """Run --from or --diff as parsed by `add_log_options`; print the summary; 0 on success, 2 on bad input.
     The task comes from --task or ``args.score_task``, the file from ``args.paths`` (lmmkit score's PATH)."""
     task, paths = _task_and_file(args)
-    try:
+
+    def compute() -> dict:
         if getattr(args, "diff", None):
-            result = _diff_command(args, task)
-        elif getattr(args, "log_from", None):
+            return _diff_command(args, task)
+        if getattr(args, "log_from", None):
             if len(paths) != 1:
                 raise HarnessLogError(f"--from {args.log_from} takes one FILE, got {len(paths)}")
             result = rescore_log(paths[0], task, args.log_from)
             result["text"] = rescore_text(result)
-        else:
-            raise HarnessLogError("give --from HARNESS FILE, or --diff A B")
-        if getattr(args, "json", None):
-            atomic_write(args.json, dump_result(result))
-    except RescoreError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    except OSError as err:
-        print(f"error: {err.filename}: {err.strerror or err}", file=sys.stderr)
-        return 2
-    sys.stdout.write(result["text"])
-    for line in result["warnings"]:
-        print(f"warning: {line}", file=sys.stderr)
-    for line in result["notes"]:
-        print(f"note: {line}", file=sys.stderr)
-    return 0
+            return result
+        raise HarnessLogError("give --from HARNESS FILE, or --diff A B")
+    return run_and_print(compute, getattr(args, "json", None), dump_result)

@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
-from lmmkit.atomic import atomic_write
 from lmmkit.eval.harness_cli import add_log_options, run_log_command
 from lmmkit.eval.rescore import (
     MODES,
@@ -20,6 +18,7 @@ from lmmkit.eval.rescore import (
     score_pope_llava,
     score_pope_pairs,
 )
+from lmmkit.eval.rescore_format import run_and_print
 
 LOG_TASKS = ("pope", "mme", "mmmu", "mathvista")  # tasks other harnesses' logs are read for
 
@@ -52,22 +51,7 @@ def _run(args: argparse.Namespace) -> dict:
 def _score_command(args: argparse.Namespace) -> int:
     if getattr(args, "log_from", None) or getattr(args, "diff", None):
         return run_log_command(args)
-    try:
-        result = _run(args)
-        if args.json:
-            atomic_write(args.json, json.dumps(result, indent=2, default=str) + "\n")
-    except RescoreError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    except OSError as err:
-        print(f"error: {err.filename}: {err.strerror or err}", file=sys.stderr)
-        return 2
-    sys.stdout.write(result["text"])
-    for line in result["warnings"]:
-        print(f"warning: {line}", file=sys.stderr)
-    for line in result["notes"]:
-        print(f"note: {line}", file=sys.stderr)
-    return 0
+    return run_and_print(lambda: _run(args), args.json, lambda r: json.dumps(r, indent=2, default=str) + "\n")
 
 
 _TASK_HELP = {

@@ -11,10 +11,12 @@ import csv
 import io
 import json
 import os
-from collections.abc import Mapping, Sequence
+import sys
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from lmmkit.atomic import atomic_write
 from lmmkit.eval.pope import read_pope_jsonl
 from lmmkit.eval.scoring.mathvista import GROUP_KEYS, group_order
 from lmmkit.eval.scoring.mme import COGNITION, PERCEPTION
@@ -255,3 +257,24 @@ def mmvet_text(result: Mapping, model: str) -> str:
 def unparseable_line(count: int, total: int) -> str:
     """The robust block's last line."""
     return f"Unparseable: {count} of {total}\n"
+
+
+def run_and_print(compute: Callable[[], dict], json_out: str | None, dump: Callable[[dict], str]) -> int:
+    """The CLI contract of `lmmkit score`: the result's text on stdout, warnings and notes on stderr,
+    --json written atomically; bad input -> an error line naming the file, exit status 2."""
+    try:
+        result = compute()
+        if json_out:
+            atomic_write(json_out, dump(result))
+    except RescoreError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except OSError as err:
+        print(f"error: {err.filename}: {err.strerror or err}", file=sys.stderr)
+        return 2
+    sys.stdout.write(result["text"])
+    for line in result["warnings"]:
+        print(f"warning: {line}", file=sys.stderr)
+    for line in result["notes"]:
+        print(f"note: {line}", file=sys.stderr)
+    return 0
