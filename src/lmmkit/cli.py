@@ -216,6 +216,10 @@ def build_parser() -> argparse.ArgumentParser:
     from lmmkit.eval.compare_cli import add_compare_parser
 
     add_compare_parser(sub)  # `lmmkit compare RUN_A RUN_B`: paired differences with intervals and tests
+    from lmmkit.models.convert_cli import add_export_parser, add_import_parser
+
+    add_export_parser(sub)  # `lmmkit export CHECKPOINT --format hf-llava --out DIR`: an HF Llava folder
+    add_import_parser(sub)  # `lmmkit import HF_DIR --out CKPT`: an HF Llava folder -> an lmmkit checkpoint
 
     p = sub.add_parser("report", help="compare eval runs: a table per task and a plot (HTML)")
     p.add_argument("runs", nargs="+", help="eval output folders (or their results.json)")
