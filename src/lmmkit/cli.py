@@ -220,6 +220,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_export_parser(sub)  # `lmmkit export CHECKPOINT --format hf-llava --out DIR`: an HF Llava folder
     add_import_parser(sub)  # `lmmkit import HF_DIR --out CKPT`: an HF Llava folder -> an lmmkit checkpoint
+    from lmmkit.serve.cli import add_serve_parser
+
+    add_serve_parser(sub)  # `lmmkit serve CHECKPOINT --port P`: OpenAI-compatible chat server + chat page
 
     p = sub.add_parser("report", help="compare eval runs: a table per task and a plot (HTML)")
     p.add_argument("runs", nargs="+", help="eval output folders (or their results.json)")
