@@ -13,7 +13,8 @@ from PIL import Image
 
 from lmmkit.data.english import article, plural
 from lmmkit.data.shapes import charts
-from lmmkit.data.shapes.bench import DEFAULT_SIZES, MME_SUBTASKS, MMHAL_TYPES, TASKS, sides, write_bench
+from lmmkit.data.shapes.bench import write_bench
+from lmmkit.data.shapes.bench_common import DEFAULT_SIZES, MME_SUBTASKS, MMHAL_TYPES, TASKS, sides
 from lmmkit.data.shapes.charts import BarChart, render_bar_chart
 from lmmkit.data.shapes.generate import POPE_SPLITS, generate_shapes, load_scenes
 from lmmkit.data.shapes.text import NUMBER_WORDS
