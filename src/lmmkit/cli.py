@@ -16,7 +16,7 @@ def _pretrain(args: argparse.Namespace) -> int:
 
         r = pretrain_lm(out, steps=args.steps or 3000, seed=args.seed)
         scores = {"existence_f1_symbolic_heldout": round(r.existence_f1, 4), "final_loss": round(r.final_loss, 4),
-                  "steps": r.steps, "seconds": round(r.seconds, 1)}
+                  "steps": r.steps, "seconds": round(r.seconds, 1), **r.false_yes}
     else:
         from lmmkit.train.pretrain_vision import pretrain_vision
 

@@ -40,12 +40,52 @@ def symbolic_conversation(rng: random.Random, world: World, scene: Scene) -> lis
                         kinds=SYMBOLIC_QUESTION_KINDS)
 
 
+def false_yes_rates(model: LlamaForCausalLM, tok: PreTrainedTokenizerFast, world: World, n: int = 400,
+                    seed: int = 5) -> dict[str, float]:
+    """How often the text-only LM says "yes" about a scene it is told, by kind of object asked about:
+    present, hard absent (sharing a colour or a shape with a present object: the binding test that
+    POPE's adversarial split sets) and random absent; on training-like and on held-out scenes.
+    This is the VLM's dominant error measured in minutes, before any image is involved."""
+    from lmmkit.data.english import article
+    from lmmkit.data.shapes.text import SHORT_ANSWER
+    from lmmkit.data.shapes.world import CLASSES
+
+    rng = random.Random(seed)
+    yes_id = tok.convert_tokens_to_ids(tok.tokenize("Yes"))[0]
+    no_id = tok.convert_tokens_to_ids(tok.tokenize("No"))[0]
+    rates: dict[str, float] = {}
+    model.eval()
+    for held_out in (False, True):
+        prompts: dict[str, list[list[int]]] = {"present": [], "hard": [], "random": []}
+        for k in range(n):
+            scene = world.sample_scene(rng, f"b{k}", held_out=held_out, min_objects=3)
+            anchor = rng.choice(scene.objects)
+            hard = [c for c in CLASSES if c not in scene.names
+                    and (c.startswith(anchor.colour + " ") or c.endswith(" " + anchor.shape))]
+            asked = {"present": rng.choice(scene.names), "hard": rng.choice(hard),
+                     "random": rng.choice([c for c in CLASSES if c not in scene.names])}
+            for kind, name in asked.items():
+                q = f"{symbolic_scene(scene)}\nIs there {article(name)} {name} in the image?\n{SHORT_ANSWER}"
+                prompts[kind].append(encode_prompt(tok, [Message("user", q)]))
+        for kind, ids in prompts.items():
+            said_yes = 0
+            with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+                for i in range(0, len(ids), 128):
+                    batch = pad_batch([(p, p) for p in ids[i:i + 128]], tok.pad_token_id, side="left")
+                    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, -1]
+                    said_yes += int((logits[:, yes_id] > logits[:, no_id]).sum())
+            rates[f"{'heldout' if held_out else 'train'}_{kind}_yes_rate"] = round(said_yes / len(ids), 4)
+    model.train()
+    return rates
+
+
 @dataclass
 class LMPretrainResult:
     steps: int
     seconds: float
     final_loss: float
     existence_f1: float  # yes/no existence questions about held-out symbolic scenes
+    false_yes: dict[str, float]  # `false_yes_rates`: the binding errors the VLM inherits
 
 
 def existence_f1(model: LlamaForCausalLM, tok: PreTrainedTokenizerFast, world: World, n: int = 400,
@@ -110,7 +150,7 @@ def pretrain_lm(out: Path, steps: int = 3000, batch_size: int = 64, lr: float = 
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)
     tok.save_pretrained(out)
-    return LMPretrainResult(steps, time.time() - start, loss_value, f1)
+    return LMPretrainResult(steps, time.time() - start, loss_value, f1, false_yes_rates(model, tok, world))
 
 
 def _length_grouped_batches(rng: random.Random, world: World, tok: PreTrainedTokenizerFast, batch_size: int,
