@@ -64,3 +64,18 @@ def oracles_dir() -> Path:
     if not ORACLES.is_dir():
         pytest.skip(f"no oracle data at {ORACLES} (CI has it; it is never copied into the repo)")
     return ORACLES
+
+
+@pytest.fixture(scope="session")
+def shipped_checkpoint(tmp_path_factory) -> Path:
+    """An lmmkit checkpoint from the shipped parts with an untrained bridge: for tests of what runs a
+    model (harness, server), not of its answers."""
+    from lmmkit.config import config_from_dict, config_to_dict
+    from lmmkit.models.build import build_vlm
+    from lmmkit.train.checkpoint import save_checkpoint
+
+    out = tmp_path_factory.mktemp("ckpt") / "checkpoint-0"
+    cfg = config_to_dict(config_from_dict({"model": {"llm": "shipped:lm", "vision": "shipped:vision"},
+                                           "train": {"stage": "align", "output_dir": str(out.parent)}}, source="test"))
+    save_checkpoint(out, build_vlm("shipped:lm", "shipped:vision"), ("bridge",), cfg, {"step": 0})
+    return out

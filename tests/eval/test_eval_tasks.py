@@ -12,7 +12,6 @@ from pathlib import Path
 import pytest
 
 from lmmkit.cli import main
-from lmmkit.config import config_from_dict, config_to_dict
 from lmmkit.data.shapes.bench import write_bench
 from lmmkit.data.shapes.generate import generate_shapes
 from lmmkit.eval.backends.lmmkit_model import LmmkitBackend
@@ -23,8 +22,6 @@ from lmmkit.eval.judge import BackendJudge
 from lmmkit.eval.runner import EvalOptions, run_eval
 from lmmkit.eval.scoring.mme import score_mme_dir
 from lmmkit.eval.tasks import TASKS, get_tasks
-from lmmkit.models.build import build_vlm
-from lmmkit.train.checkpoint import save_checkpoint
 from openai_stub import StubServer
 
 
@@ -36,15 +33,9 @@ def bench(tmp_path_factory) -> Path:
     return data / "bench"
 
 
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory) -> Path:
-    """An lmmkit checkpoint from the shipped parts (untrained bridge: the harness is under test here)."""
-    out = tmp_path_factory.mktemp("ckpt") / "checkpoint-0"
-    model = build_vlm("shipped:lm", "shipped:vision")
-    cfg = config_to_dict(config_from_dict({"model": {"llm": "shipped:lm", "vision": "shipped:vision"},
-                                           "train": {"stage": "align", "output_dir": str(out.parent)}}, source="test"))
-    save_checkpoint(out, model, ("bridge",), cfg, {"step": 0})
-    return out
+@pytest.fixture(scope="session")
+def checkpoint(shipped_checkpoint) -> Path:
+    return shipped_checkpoint
 
 
 def grading_judge(items_per_run: int):

@@ -8,10 +8,8 @@ from pathlib import Path
 import pytest
 from serve_helpers import MODEL_NAME, LiveServer
 
-from lmmkit.config import config_from_dict, config_to_dict
-from lmmkit.models.build import build_vlm
 from lmmkit.serve import ServeLimits
-from lmmkit.train.checkpoint import load_model, save_checkpoint
+from lmmkit.train.checkpoint import load_model
 
 
 @pytest.fixture(autouse=True)
@@ -20,14 +18,8 @@ def _one_thread(one_torch_thread):
 
 
 @pytest.fixture(scope="session")
-def checkpoint(tmp_path_factory) -> Path:
-    """An lmmkit checkpoint from the shipped parts (untrained bridge: the server is under test, not the answers)."""
-    out = tmp_path_factory.mktemp("serve-ckpt") / "checkpoint-0"
-    model = build_vlm("shipped:lm", "shipped:vision")
-    cfg = config_to_dict(config_from_dict({"model": {"llm": "shipped:lm", "vision": "shipped:vision"},
-                                           "train": {"stage": "align", "output_dir": str(out.parent)}}, source="test"))
-    save_checkpoint(out, model, ("bridge",), cfg, {"step": 0})
-    return out
+def checkpoint(shipped_checkpoint) -> Path:
+    return shipped_checkpoint
 
 
 @pytest.fixture(scope="session")
