@@ -76,6 +76,7 @@ def _eval(args: argparse.Namespace) -> int:
     import json
     import re
 
+    from lmmkit.eval.backends.base import BackendError
     from lmmkit.eval.backends.load import BlindBackend, load_backend
     from lmmkit.eval.cache import ResponseCache
     from lmmkit.eval.harness_report import write_eval_report
@@ -105,8 +106,9 @@ def _eval(args: argparse.Namespace) -> int:
             for mode, key in (("blank", "blind_control"), ("none", "no_image_control")):
                 results[key] = run_eval(asked, BlindBackend(backend, mode), Path(args.data_root), cache, judge,
                                         blind_opts)["tasks"]
-    except (EvalError, TaskDataError) as err:
-        print(f"error: {err}\n(answers so far are cached in {cache.path}; re-run to resume)", file=sys.stderr)
+    except (EvalError, TaskDataError, BackendError) as err:  # BackendError: the judge failed after retries
+        print(f"error: {err}\n(answers and grades so far are cached in {cache.path}; re-run to resume)",
+              file=sys.stderr)
         return 1
     print(format_results(results))
     for task, res in results["tasks"].items():

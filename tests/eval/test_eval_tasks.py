@@ -215,3 +215,18 @@ def test_eval_writes_official_formats_that_lmmkit_score_rescores_identically(ben
     assert mmmu["strict"]["correct"] == res["mmmu"]["strict"]["correct"] > 0
     mathvista = score_mathvista_output(out / "mathvista_results" / "output.json")
     assert mathvista["strict"]["correct"] == res["mathvista"]["strict"]["correct"]
+
+
+def test_a_judge_that_fails_stops_the_run_cleanly_and_keeps_the_answers(bench, tmp_path, capsys):
+    def answer(model, prompt, images, temperature):
+        return {"status": 400} if not images else "red"   # the judge (text-only) always fails
+    with StubServer(answer) as server:
+        argv = ["eval", "--model", f"openai:{server.url}#vlm", "--judge", f"openai:{server.url}#judge",
+                "--tasks", "mmvet", "--data-root", str(bench), "--limit", "3", "--out", str(tmp_path / "o")]
+        assert main(argv) == 1
+        assert "HTTP 400" in capsys.readouterr().err
+        asked = len(server.requests)
+        server.answer = lambda model, prompt, images, temperature: "red" if images else "1.0"
+        assert main(argv) == 0
+        # the model's 3 answers came from the cache; only the judge was asked again
+        assert all(r["model"] == "judge" for r in server.requests[asked:])
