@@ -10,6 +10,8 @@ EXPECTED = {
     ("align", False): {"bridge"},
     ("sft", False): {"bridge", "llm"},
     ("sft", True): {"bridge", "llm", "vision"},
+    ("dpo", False): {"bridge", "llm"},
+    ("dpo", True): {"bridge", "llm", "vision"},
     ("full", False): {"bridge", "llm", "vision"},
 }
 
@@ -45,7 +47,7 @@ def test_a_later_stage_refreezes(clip_vlm):
     assert all(p.requires_grad for p in clip_vlm.bridge.parameters())
 
 
-def test_train_vision_tower_only_matters_for_sft():
+def test_train_vision_tower_only_matters_for_sft_and_dpo():
     assert trainable_parts("align", True) == ("bridge",)
     assert set(trainable_parts("full", False)) == {"bridge", "llm", "vision"}
 
@@ -70,5 +72,5 @@ def test_apply_stage_prints_what_trains(clip_vlm, capsys):
 
 
 def test_unknown_stage_is_an_error_listing_the_stages(clip_vlm):
-    with pytest.raises(ValueError, match="align, sft, full"):
+    with pytest.raises(ValueError, match="align, sft, dpo, full"):
         apply_stage(clip_vlm, "pretrain", verbose=False)

@@ -13,6 +13,7 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Protocol
 
 import torch
 from accelerate import Accelerator
@@ -53,6 +54,32 @@ def batch_order(n_samples: int, batch_size: int, seed: int, epoch: int, lengths:
     return [batches[k] for k in order if len(batches[k]) == batch_size or len(batches) == 1]
 
 
+class Objective(Protocol):
+    """What a stage optimises: how long a sample is (for batching), how samples become a batch, and
+    the batch's loss plus extra metrics to log. `LMObjective` is next-token loss on the labels; DPO
+    (train/dpo.py) compares chosen and rejected answers."""
+
+    def length(self, sample: Any) -> int: ...
+
+    def batch(self, model: VisionLanguageModel, samples: list, cache: FeatureCache | None, pad_id: int) -> dict: ...
+
+    def loss(self, wrapped: torch.nn.Module, batch: dict) -> tuple[torch.Tensor, dict[str, float]]: ...
+
+
+class LMObjective:
+    """Next-token cross-entropy on the labelled (assistant) tokens: the align and sft stages."""
+
+    def length(self, sample: EncodedSample) -> int:
+        return len(sample.input_ids)
+
+    def batch(self, model: VisionLanguageModel, samples: list[EncodedSample], cache: FeatureCache | None,
+              pad_id: int) -> dict:
+        return make_batch(model, samples, cache, pad_id)
+
+    def loss(self, wrapped: torch.nn.Module, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
+        return wrapped(**batch).loss, {}
+
+
 def make_batch(model: VisionLanguageModel, samples: list[EncodedSample], cache: FeatureCache | None,
                pad_id: int) -> dict:
     batch = pad_batch([(s.input_ids, s.labels) for s in samples], pad_id)
@@ -67,13 +94,15 @@ def make_batch(model: VisionLanguageModel, samples: list[EncodedSample], cache: 
     return batch
 
 
-def run_stage(model: VisionLanguageModel, samples: list[EncodedSample], *, stage: str, output_dir: Path,
+def run_stage(model: VisionLanguageModel, samples: list, *, stage: str, output_dir: Path,
               config: dict, batch_size: int = 16, grad_accum: int = 1, lr: float = 1e-3, max_steps: int = 0,
               epochs: float = 1.0, warmup_ratio: float = 0.03, weight_decay: float = 0.0,
               max_grad_norm: float = 1.0, precision: str = "bf16", seed: int = 0, save_every: int = 0,
               log_every: int = 10, train_vision_tower: bool = False, cache: FeatureCache | None = None,
-              resume: bool = False, progress: bool = True) -> StageResult:
-    """Train `model` in place on `samples` for one stage; checkpoints go to output_dir/checkpoint-<step>."""
+              resume: bool = False, progress: bool = True, objective: Objective | None = None) -> StageResult:
+    """Train `model` in place on `samples` for one stage; checkpoints go to output_dir/checkpoint-<step>.
+    `objective` defaults to the LM loss (`LMObjective`); samples are whatever it batches."""
+    objective = objective or LMObjective()
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     accelerator = Accelerator(mixed_precision="bf16" if precision == "bf16" else "no",
@@ -84,7 +113,7 @@ def run_stage(model: VisionLanguageModel, samples: list[EncodedSample], *, stage
         raise ValueError("cached vision features need a frozen tower, but this stage trains it")
 
     world, rank = accelerator.num_processes, accelerator.process_index
-    lengths = [len(s.input_ids) for s in samples]
+    lengths = [objective.length(s) for s in samples]
     global_batch = batch_size * world
     batches_per_epoch = len(samples) // global_batch
     if batches_per_epoch == 0:
@@ -118,15 +147,16 @@ def run_stage(model: VisionLanguageModel, samples: list[EncodedSample], *, stage
     with metrics_path.open("a") as metrics:
         while step < steps:
             window_loss = 0.0
+            window_extra: dict[str, float] = {}
             for _ in range(grad_accum):
                 epoch, index = divmod(micro, batches_per_epoch)
                 if epoch not in epoch_cache:
                     epoch_cache = {epoch: batch_order(len(samples), global_batch, seed, epoch, lengths)}
                 ids = epoch_cache[epoch][index][rank::world]
-                batch = make_batch(model, [samples[i] for i in ids], cache, pad_id)
+                batch = objective.batch(model, [samples[i] for i in ids], cache, pad_id)
                 batch = {k: v.to(accelerator.device) if torch.is_tensor(v) else v for k, v in batch.items()}
                 with accelerator.accumulate(wrapped), accelerator.autocast():
-                    loss = wrapped(**batch).loss
+                    loss, extra = objective.loss(wrapped, batch)
                     accelerator.backward(loss)
                     if accelerator.sync_gradients and max_grad_norm > 0:
                         accelerator.clip_grad_norm_(params, max_grad_norm)
@@ -134,6 +164,8 @@ def run_stage(model: VisionLanguageModel, samples: list[EncodedSample], *, stage
                     scheduler.step()
                     optimizer.zero_grad(set_to_none=True)
                 window_loss += loss.item() / grad_accum
+                for k, v in extra.items():
+                    window_extra[k] = window_extra.get(k, 0.0) + v / grad_accum
                 tokens_seen += int(batch["attention_mask"].sum()) * world
                 micro += 1
             step += 1
@@ -141,9 +173,12 @@ def run_stage(model: VisionLanguageModel, samples: list[EncodedSample], *, stage
             losses.append((step, loss_value))
             rate = tokens_seen / max(1e-9, time.time() - start)
             bar.update(1)
-            bar.set_postfix(loss=f"{loss_value:.4f}", tok_s=f"{rate:,.0f}")
+            # The objective's first two metrics ride along (DPO: reward margin and accuracy).
+            shown = {k: f"{v:.3f}" for k, v in list(window_extra.items())[:2]}
+            bar.set_postfix(loss=f"{loss_value:.4f}", **shown, tok_s=f"{rate:,.0f}")
             if accelerator.is_main_process and (step % log_every == 0 or step == steps):
                 metrics.write(json.dumps({"stage": stage, "step": step, "loss": round(loss_value, 5),
+                                          **{k: round(v, 5) for k, v in window_extra.items()},
                                           "lr": scheduler.get_last_lr()[0], "tokens_per_second": round(rate, 1),
                                           "elapsed": round(time.time() - start, 2)}) + "\n")
                 metrics.flush()

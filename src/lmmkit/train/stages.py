@@ -6,15 +6,16 @@ from typing import Literal
 
 from torch import nn
 
-Stage = Literal["align", "sft", "full"]
-STAGES: tuple[str, ...] = ("align", "sft", "full")
+Stage = Literal["align", "sft", "dpo", "full"]
+STAGES: tuple[str, ...] = ("align", "sft", "dpo", "full")
 
 
 def trainable_parts(stage: str, train_vision_tower: bool = False) -> tuple[str, ...]:
-    """align: the bridge only (LLaVA stage 1); sft: bridge + LLM, plus the tower if asked; full: all."""
+    """align: the bridge only (LLaVA stage 1); sft and dpo: bridge + LLM, plus the tower if asked;
+    full: all."""
     if stage == "align":
         return ("bridge",)
-    if stage == "sft":
+    if stage in ("sft", "dpo"):
         return ("bridge", "llm", "vision") if train_vision_tower else ("bridge", "llm")
     if stage == "full":
         return ("bridge", "llm", "vision")

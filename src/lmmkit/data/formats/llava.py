@@ -87,7 +87,7 @@ def _parse_record(obj: Any, source: str, fallback_id: str, image_folder: Path | 
     return record
 
 
-def _check_images(record: ConversationRecord, open_images: bool) -> None:
+def check_record_images(record: ConversationRecord, open_images: bool) -> None:
     for img in record.images:
         if open_images:
             load_image(img, record.where).close()
@@ -95,7 +95,7 @@ def _check_images(record: ConversationRecord, open_images: bool) -> None:
             require_image_file(img, record.where)
 
 
-def _iter_raw(path: Path) -> Iterator[tuple[str, str, Any]]:
+def iter_raw_records(path: Path) -> Iterator[tuple[str, str, Any]]:
     """Yield (source, fallback id, parsed object or a DataError) for each record of the file.
 
     A DataError is yielded rather than raised for a bad line, so the reader can apply the policy
@@ -168,12 +168,12 @@ def read_llava(
     own_counter = counter is None
     counter = counter if counter is not None else BadRecordCounter()
 
-    for source, fallback_id, obj in _iter_raw(path):
+    for source, fallback_id, obj in iter_raw_records(path):
         try:
             if isinstance(obj, DataError):
                 raise obj
             record = _parse_record(obj, source, fallback_id, image_folder)
-            _check_images(record, open_images)
+            check_record_images(record, open_images)
         except DataError as err:
             counter.handle(err, policy)
             continue
