@@ -65,8 +65,16 @@ class ModelSpec:
     vision: str = SHIPPED_VISION  # HF folder of a CLIP/SigLIP/DINOv2/ResNet/ConvNeXt model, or "shipped:vision"
     vision_select_layer: int = -1  # hidden layer of the tower that feeds the bridge (LLaVA uses -2)
     vision_drop_cls: bool = True
-    bridge: Literal["mlp"] = "mlp"
-    bridge_layers: int = field(default=2, metadata=_bound("", lambda v: v in (1, 2), expect="1 or 2"))
+    # mlp: one LLM token per tower token (LLaVA); resampler (Flamingo Perceiver) / qformer (BLIP-2):
+    # bridge_queries learned queries read the image, so every image costs exactly that many tokens.
+    bridge: Literal["mlp", "resampler", "qformer"] = "mlp"
+    bridge_layers: int = field(default=2, metadata=_bound("", lambda v: v in (1, 2), expect="1 or 2"))  # mlp only
+    bridge_queries: int = field(default=32, metadata=_GT0)  # resampler / qformer: tokens per image (K)
+    bridge_depth: int = field(default=2, metadata=_GT0)  # resampler / qformer: attention layers
+    bridge_heads: int = field(default=4, metadata=_GT0)  # resampler / qformer: must divide the width
+    bridge_width: int = field(default=0, metadata=_bound(">= 0 (0 = the LLM's hidden size)", lambda v: v >= 0))
+    # mlp only: regroup each r x r block of the tower's square token grid into one token (SmolVLM).
+    pixel_shuffle: int = field(default=1, metadata=_bound(">= 1 (1 = off)", lambda v: v >= 1))
 
 
 @dataclass

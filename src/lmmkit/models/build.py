@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
+from torch import nn
 
+from lmmkit.models.bridges import MLPBridge, PixelShuffleBridge, ResamplerBridge
 from lmmkit.models.language import load_language_model
 from lmmkit.models.parts import part_path
 from lmmkit.models.vision import VisionTower
@@ -26,19 +31,87 @@ def resolve_part(ref: str) -> str | Path:
     return ref
 
 
+BRIDGES: tuple[str, ...] = ("mlp", "resampler", "qformer")
+# ModelSpec's bridge name -> ResamplerBridge style.
+RESAMPLER_STYLES = {"resampler": "perceiver", "qformer": "qformer"}
+
+
+def make_bridge(kind: str, vision_dim: int, llm_dim: int, n_tokens: int | None = None, *, layers: int = 2,
+                queries: int = 32, depth: int = 2, heads: int = 4, width: int = 0,
+                pixel_shuffle: int = 1) -> nn.Module:
+    """A freshly initialised bridge for `kind` (a ModelSpec.bridge value), from the tower's `n_tokens` per image.
+
+    Errors name the config keys (model.bridge, model.pixel_shuffle, ...) and what would work, because
+    they come from config choices that only meet the tower here, before any training starts.
+    `n_tokens` is needed for pixel shuffle (grid check) and the resamplers (position embedding).
+    """
+    if kind not in BRIDGES:
+        raise ValueError(f"model.bridge: unknown bridge {kind!r}; choose one of: {', '.join(BRIDGES)}")
+    if pixel_shuffle < 1:
+        raise ValueError(f"model.pixel_shuffle must be >= 1 (1 = off), got {pixel_shuffle}")
+    if kind == "mlp":
+        if pixel_shuffle == 1:
+            return MLPBridge(vision_dim, llm_dim, layers)
+        bridge = PixelShuffleBridge(vision_dim, llm_dim, layers, factor=pixel_shuffle)
+        if n_tokens is not None:
+            try:
+                bridge.num_output_tokens(n_tokens)
+            except ValueError as err:
+                raise ValueError(f"model.pixel_shuffle={pixel_shuffle} does not fit the vision tower: {err}; "
+                                 "set model.pixel_shuffle accordingly") from None
+        return bridge
+    if pixel_shuffle > 1:
+        raise ValueError(f"model.pixel_shuffle={pixel_shuffle} works only with model.bridge=mlp, not {kind!r} "
+                         f"(its model.bridge_queries={queries} queries already fix the tokens per image); "
+                         "set model.pixel_shuffle=1, or model.bridge=mlp")
+    width = width or llm_dim
+    if width % heads:
+        which = (f"model.bridge_width={width}" if width != llm_dim
+                 else f"the LLM's hidden size {width} (model.bridge_width=0)")
+        ok = ", ".join(str(h) for h in range(1, min(width, 64) + 1) if width % h == 0)
+        raise ValueError(f"model.bridge_heads={heads} does not divide {which}; choose heads among {ok}, "
+                         "or set model.bridge_width to a multiple of the heads")
+    return ResamplerBridge(vision_dim, llm_dim, num_queries=queries, depth=depth, heads=heads, width=width,
+                           style=RESAMPLER_STYLES[kind], num_input_tokens=n_tokens)
+
+
 def build_vlm(llm: str = "shipped:lm", vision: str = "shipped:vision", vision_select_layer: int = -1,
-              vision_drop_cls: bool = True, bridge_layers: int = 2, seed: int = 0) -> VisionLanguageModel:
-    """LLM + vision tower + a freshly initialised MLP bridge (seeded)."""
+              vision_drop_cls: bool = True, bridge_layers: int = 2, seed: int = 0, *, bridge: str = "mlp",
+              bridge_queries: int = 32, bridge_depth: int = 2, bridge_heads: int = 4, bridge_width: int = 0,
+              pixel_shuffle: int = 1) -> VisionLanguageModel:
+    """LLM + vision tower + a freshly initialised bridge (seeded); the keyword arguments mirror ModelSpec.
+
+    Bridge options that do not fit the tower (a grid pixel shuffle cannot regroup, heads that do not
+    divide the width) raise ValueError here, before any data is read or training starts.
+    """
     llm_model, tokenizer = load_language_model(resolve_part(llm))
     tower = VisionTower.from_pretrained(resolve_part(vision), select_layer=vision_select_layer,
                                         drop_cls=vision_drop_cls)
+    # Only bridges that depend on the token count pay for the tower's probe forward pass; it runs before
+    # seeding, so the bridge's initial weights depend on `seed` alone (the MLP's are as they always were).
+    plain_mlp = bridge == "mlp" and pixel_shuffle == 1
+    n_tokens = None if plain_mlp else tower.num_tokens()
     torch.manual_seed(seed)
-    return VisionLanguageModel(tower, llm_model, tokenizer, bridge_layers=bridge_layers)
+    module = make_bridge(bridge, tower.hidden_size, llm_model.config.hidden_size, n_tokens, layers=bridge_layers,
+                         queries=bridge_queries, depth=bridge_depth, heads=bridge_heads, width=bridge_width,
+                         pixel_shuffle=pixel_shuffle)
+    return VisionLanguageModel(tower, llm_model, tokenizer, bridge=module)
+
+
+# ModelSpec / saved-config keys that choose the bridge beyond bridge_layers; configs written before they
+# existed lack them, and the defaults (a plain MLP) are what those checkpoints were trained with.
+BRIDGE_KEYS = ("bridge", "bridge_queries", "bridge_depth", "bridge_heads", "bridge_width", "pixel_shuffle")
+
+
+def bridge_kwargs(model_section: Mapping[str, Any]) -> dict[str, Any]:
+    """build_vlm's bridge keyword arguments from a ModelSpec as a dict (a saved config's "model")."""
+    return {key: model_section[key] for key in BRIDGE_KEYS if key in model_section}
 
 
 def build_from_spec(spec, seed: int = 0) -> VisionLanguageModel:
     """From a config.ModelSpec."""
-    return build_vlm(spec.llm, spec.vision, spec.vision_select_layer, spec.vision_drop_cls, spec.bridge_layers, seed)
+    return build_vlm(spec.llm, spec.vision, spec.vision_select_layer, spec.vision_drop_cls, spec.bridge_layers, seed,
+                     **bridge_kwargs(dataclasses.asdict(spec)))
 
 
 def describe(model: VisionLanguageModel) -> str:
@@ -46,4 +119,5 @@ def describe(model: VisionLanguageModel) -> str:
     return ", ".join(f"{k} {v / 1e6:.2f}M" for k, v in n.items())
 
 
-__all__ = ["build_vlm", "build_from_spec", "resolve_part", "describe"]
+__all__ = ["BRIDGES", "BRIDGE_KEYS", "bridge_kwargs", "build_from_spec", "build_vlm", "describe", "make_bridge",
+           "resolve_part"]

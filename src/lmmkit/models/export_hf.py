@@ -5,7 +5,8 @@ llava-hf checkpoints (transformers, vLLM, SGLang) can serve it. Only architectur
 equivalent are exported; anything else is refused with the reason (see docs/export.md):
 
 - vision: CLIP or SigLIP (ViT towers; `vision_feature_layer` = select_layer, "default" = CLS dropped);
-- bridge: the 2-layer Linear-GELU-Linear MLP (= Llava's multi_modal_projector);
+- bridge: the 2-layer Linear-GELU-Linear MLP (= Llava's multi_modal_projector); no resampler / Q-Former
+  or pixel shuffle;
 - LLM: a causal LM that keeps its decoder under `.model` (Llama, Mistral, Qwen2, ...).
 
 Weights are written in the classic llava-hf key layout (`language_model.model.*`,
@@ -29,7 +30,7 @@ from torch import nn
 from transformers import GenerationConfig, LlavaConfig, LlavaProcessor
 
 from lmmkit import IMAGE_TOKEN
-from lmmkit.models.bridges import MLPBridge
+from lmmkit.models.bridges import MLPBridge, PixelShuffleBridge, ResamplerBridge
 from lmmkit.models.vlm import VisionLanguageModel
 
 FORMATS = ("hf-llava", "hf-llava-next")
@@ -82,6 +83,13 @@ def llava_mapping(model: VisionLanguageModel) -> dict:
             f"cannot export this architecture as hf-llava: vision tower type {vtype!r} is not CLIP or "
             "SigLIP, the only Llava towers vLLM and SGLang build."
         )
+    if not isinstance(bridge, MLPBridge):
+        raise ExportError(
+            f"cannot export this architecture as hf-llava: the bridge is {_bridge_kind(bridge)}. HF Llava's "
+            "multi_modal_projector maps each vision token to one LLM token through Linear-GELU-Linear, with no "
+            "learned queries and no token regrouping, so only model.bridge=mlp with model.pixel_shuffle=1 "
+            "(and model.bridge_layers=2) has an exact equivalent."
+        )
     linears = [m for m in bridge.modules() if isinstance(m, nn.Linear)]
     acts = [m for m in bridge.modules() if isinstance(m, nn.GELU)]
     if not isinstance(bridge, MLPBridge) or len(linears) != 2 or len(acts) != 1:
@@ -105,6 +113,16 @@ def llava_mapping(model: VisionLanguageModel) -> dict:
         "projector_hidden_act": GELU_ACTS[acts[0].approximate],
         "tied": llm.get_output_embeddings().weight is llm.get_input_embeddings().weight,
     }
+
+
+def _bridge_kind(bridge: nn.Module) -> str:
+    """The bridge in config words, for the refusal message."""
+    if isinstance(bridge, ResamplerBridge):
+        name, key = ("a Perceiver resampler", "resampler") if bridge.style == "perceiver" else ("a Q-Former", "qformer")
+        return f"{name} with {bridge.num_queries} learned queries (model.bridge={key})"
+    if isinstance(bridge, PixelShuffleBridge):
+        return f"pixel shuffle by {bridge.factor} before the MLP (model.pixel_shuffle={bridge.factor})"
+    return f"a {type(bridge).__name__}, not lmmkit's MLP bridge"
 
 
 def llava_state_dict(model: VisionLanguageModel, tied: bool) -> dict[str, torch.Tensor]:

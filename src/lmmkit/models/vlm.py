@@ -32,7 +32,7 @@ class VisionLanguageModel(nn.Module):
         self.tokenizer = tokenizer
         self.bridge = bridge or MLPBridge(vision.hidden_size, llm.config.hidden_size, bridge_layers)
         self.image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
-        self.tokens_per_image = vision.num_tokens()
+        self.tokens_per_image = self.bridge.num_output_tokens(vision.num_tokens())
 
     # ---- images ---------------------------------------------------------------------------
     def vision_features(self, pixel_values: torch.Tensor) -> torch.Tensor:

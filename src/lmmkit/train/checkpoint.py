@@ -102,11 +102,14 @@ def checkpoint_chain(path: str | Path) -> tuple[list[Path], list[dict]]:
 
 def load_model(path: str | Path) -> VisionLanguageModel:
     """Rebuild a trained model from a checkpoint (or run) folder, following its init_from chain."""
-    from lmmkit.models.build import build_vlm
+    from lmmkit.models.build import bridge_kwargs, build_vlm
 
     chain, configs = checkpoint_chain(path)
     m = configs[0]["model"]
-    model = build_vlm(m["llm"], m["vision"], m["vision_select_layer"], m["vision_drop_cls"], m["bridge_layers"])
+    # Configs saved before the resampler / pixel-shuffle keys existed lack them: build_vlm's defaults
+    # then give the plain MLP bridge those checkpoints hold.
+    model = build_vlm(m["llm"], m["vision"], m["vision_select_layer"], m["vision_drop_cls"], m["bridge_layers"],
+                      **bridge_kwargs(m))
     for ckpt in reversed(chain):
         load_trained_parts(model, ckpt)
     model.eval()

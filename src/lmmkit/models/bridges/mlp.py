@@ -18,5 +18,9 @@ class MLPBridge(nn.Module):
             mods += [nn.GELU(), nn.Linear(llm_dim, llm_dim)]
         self.net = nn.Sequential(*mods)
 
+    def num_output_tokens(self, n_in: int) -> int:
+        """One LLM token per image feature: the MLP maps each token on its own."""
+        return n_in
+
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         return self.net(features)
