@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 Record = Mapping[str, Any]
-RIGHT_WRONG = ("pope", "mme", "mmmu", "mathvista")  # tasks whose items are right or wrong: McNemar
+RIGHT_WRONG = ("pope", "mme", "mmmu", "mathvista", "chair")  # tasks whose items are right or wrong: McNemar
 ALPHA = 0.05
 _CELLS = 1 << 18  # counts per block (replicates x units): 2 MB stays in cache, ~4x faster to count
 

@@ -41,6 +41,9 @@ def headline(task: str, result: Mapping) -> list[tuple[str, float | None, float 
     if task == "mmhal":
         return [("average rating (0-6)", _get(s, "average", "mean"), None),
                 ("hallucination rate", _get(s, "hallucination_rate", "mean"), None)]
+    if task == "chair":
+        return [("CHAIR_s", _get(s, "chair_s"), None), ("CHAIR_i", _get(s, "chair_i"), None),
+                ("object recall", _get(s, "recall"), None)]
     if task == "lmloss":
         return [("answer-token loss", _get(s, "loss"), None), ("perplexity", _get(s, "perplexity"), None)]
     return []

@@ -91,6 +91,26 @@ def accuracy_statistic(parser: str = "strict") -> Statistic:
     return _item_mean(lambda records: _flags(records, parser))
 
 
+def chair_statistic(kind: str = "s") -> Statistic:
+    """CHAIR_s (share of captions with a hallucinated object) or CHAIR_i (hallucinated mentions over all
+    mentions, a ratio of per-caption totals, so resampled as one)."""
+    if kind == "s":
+        return _item_mean(lambda records: np.array([bool(r["hallucinated"]) for r in records], dtype=np.float64))
+
+    def counts(records: Sequence[Record]) -> tuple[np.ndarray, np.ndarray]:
+        return (np.array([len(r["hallucinated"]) for r in records], dtype=np.float64),
+                np.array([len(r["mentioned"]) for r in records], dtype=np.float64))
+
+    def vectorised(records: Sequence[Record]) -> Callable[[Resample], np.ndarray]:
+        fake, said = counts(records)
+        return lambda block: _ratio(block.total(fake), block.total(said), empty=0.0)
+
+    def fn(records: Sequence[Record]) -> float:
+        fake, said = counts(records)
+        return float(fake.sum() / said.sum()) if said.sum() else 0.0
+    return Statistic(fn, vectorised)
+
+
 def grade_statistic(field: str = "scores", scale: float = 1.0) -> Statistic:
     """Mean over items of each item's mean grade over judge runs (`field`), times `scale` (MM-Vet: 100)."""
     return _item_mean(lambda records: np.array([sum(r[field]) / len(r[field]) if r[field] else 0.0
@@ -175,6 +195,8 @@ def _specs(task: str, records: Sequence[Record]) -> tuple[list | None, list | No
         return None, None, {"strict": [("total (0-100)", grade_statistic("scores", 100.0))]}
     if task == "mmhal":
         return None, None, {"strict": [("average rating (0-6)", grade_statistic("ratings", 1.0))]}
+    if task == "chair":
+        return None, None, {"strict": [("CHAIR_s", chair_statistic("s")), ("CHAIR_i", chair_statistic("i"))]}
     return None, None, {}
 
 

@@ -11,6 +11,7 @@ training) and writes, under `out` (default `data_dir/bench`)::
     mathvista/testmini.json                            mathvista/images/<pid>.png   (bar charts)
     mmvet/mm-vet.json                                  mmvet/images/v1_<k>.png
     mmhal/response_template.json                       mmhal/images/<name>.png
+    chair/captions.jsonl  chair/vocabulary.json        chair/images/<name>.png
     lmloss/conversations.json                          lmloss/images/test/<name>.png
 
 Every task folder holds copies of the images it uses, so it is self-contained like a downloaded
@@ -50,7 +51,7 @@ from lmmkit.data.shapes.bench_judged import _write_mmhal, _write_mmvet
 from lmmkit.data.shapes.charts import QUESTION_KINDS as CHART_KINDS
 from lmmkit.data.shapes.charts import mathvista_record
 from lmmkit.data.shapes.generate import POPE_SPLITS, load_scenes
-from lmmkit.data.shapes.world import COLOURS, WORDS, Scene
+from lmmkit.data.shapes.world import CLASSES, COLOURS, WORDS, Scene
 from lmmkit.eval.pope import OFFICIAL_KEYS, read_pope_jsonl, write_pope_jsonl
 
 # ---- MME: (yes question, no question) per image, or None where the subtask cannot ask about it ----
@@ -219,6 +220,19 @@ def _write_lmloss(data_dir: Path, folder: Path) -> None:
     images.prune()
 
 
+def _write_chair(seed: int, scenes: list[Scene], source: Path, folder: Path, n: int) -> None:
+    """CHAIR: held-out images with their true object lists; the vocabulary is every ShapesWorld class."""
+    rng = random.Random(f"chair-{seed}")
+    images = _Images(folder / "images", source)
+    rows = []
+    for scene in rng.sample(scenes, min(n, len(scenes))):
+        name = images.copy(scene.extra["image"])
+        rows.append(json.dumps({"image_id": scene.id, "image": name, "objects": sorted(set(scene.names))}))
+    _write_bytes(folder / "captions.jsonl", ("\n".join(rows) + "\n").encode("utf-8"))
+    _write_json(folder / "vocabulary.json", {"objects": {c: [c] for c in CLASSES}})
+    images.prune()
+
+
 def write_bench(data_dir: Path, out: Path | None = None, seed: int = 0, n_images: int | None = None) -> dict[str, Path]:
     """Write the ShapesWorld benchmark twins of a dataset from its test scenes (module docstring).
 
@@ -246,6 +260,7 @@ def write_bench(data_dir: Path, out: Path | None = None, seed: int = 0, n_images
     _write_mathvista(seed, folders["mathvista"], size["mathvista"])
     _write_mmvet(seed, scenes, source, folders["mmvet"], size["mmvet"])
     _write_mmhal(seed, scenes, source, folders["mmhal"], size["mmhal"])
+    _write_chair(seed, scenes, source, folders["chair"], size["chair"])
     _write_lmloss(data_dir, folders["lmloss"])
     _write_bytes(out / "README.md", README.format(seed=seed).encode("utf-8"))
     return folders

@@ -18,8 +18,8 @@ from lmmkit.data.english import plural
 from lmmkit.data.shapes.text import NUMBER_WORDS
 from lmmkit.data.shapes.world import CLASSES, IMAGE_SIZE, OBJECT_AREA_HEIGHT, Scene
 
-TASKS: tuple[str, ...] = ("pope", "mme", "mmmu", "mathvista", "mmvet", "mmhal", "lmloss")
-DEFAULT_SIZES: dict[str, int] = {"mme": 100, "mmmu": 120, "mathvista": 100, "mmvet": 60, "mmhal": 48}
+TASKS: tuple[str, ...] = ("pope", "mme", "mmmu", "mathvista", "mmvet", "mmhal", "chair", "lmloss")
+DEFAULT_SIZES: dict[str, int] = {"mme": 100, "mmmu": 120, "mathvista": 100, "mmvet": 60, "mmhal": 48, "chair": 100}
 MME_SUBTASKS: tuple[str, ...] = ("existence", "count", "position", "color")
 MME_SUFFIX = " Please answer yes or no."
 MMMU_SUBJECTS: dict[str, str] = {"Shapes_Colour": "Colour recognition", "Shapes_Count": "Counting",
@@ -35,8 +35,8 @@ MIN_GAP = 10  # px apart two objects must be before MMHal asks which is higher /
 
 README = """# ShapesWorld benchmark twins (lmmkit)
 
-These are lmmkit's ShapesWorld twins, **not** the real POPE, MME, MMMU, MathVista, MM-Vet or
-MMHal-Bench: synthetic questions about held-out ShapesWorld test scenes (MathVista: small bar charts)
+These are lmmkit's ShapesWorld twins, **not** the real POPE, MME, MMMU, MathVista, MM-Vet,
+MMHal-Bench or CHAIR on COCO: synthetic questions about held-out ShapesWorld test scenes (MathVista: small bar charts)
 in each benchmark's official file format, so every task runs offline. Scores on them say nothing
 about the real benchmarks. Written by `lmmkit.data.shapes.bench.write_bench` with seed {seed}.
 """

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from lmmkit.eval.tasks.base import Task
+from lmmkit.eval.tasks.chair import ChairTask
 from lmmkit.eval.tasks.lmloss import LMLossTask
 from lmmkit.eval.tasks.mathvista import MathVistaTask
 from lmmkit.eval.tasks.mme import MMETask
@@ -12,7 +13,7 @@ from lmmkit.eval.tasks.mmvet import MMVetTask
 from lmmkit.eval.tasks.pope import PopeTask
 
 TASKS: dict[str, type] = {t.name: t for t in (PopeTask, MMETask, MMMUTask, MathVistaTask, MMVetTask, MMHalTask,
-                                               LMLossTask)}
+                                               ChairTask, LMLossTask)}
 
 
 def get_tasks(names: str | list[str]) -> list[Task]:
