@@ -63,7 +63,7 @@ def test_train_with_a_bad_config_key_returns_2_with_a_helpful_message(tmp_path, 
     err = captured.err
     assert "config error" in err
     assert f"{config}: unknown key 'train.lrr'; did you mean 'train.lr'?" in err
-    assert "command line: train.stage: 'algin' is not allowed; choose one of: align, sft, full" in err
+    assert "command line: train.stage: 'algin' is not allowed; choose one of: align, sft, dpo, full" in err
     assert "did you mean 'align'?" in err
     assert captured.out == ""  # nothing was built or trained
 

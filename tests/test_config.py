@@ -83,7 +83,7 @@ def test_unknown_and_malformed_sections(tmp_path: Path) -> None:
 
 def test_literal_choice_error(tmp_path: Path) -> None:
     msg = errors_of(write(tmp_path, "train:\n  stage: algin\n"))
-    assert "run.yaml: train.stage: 'algin' is not allowed; choose one of: align, sft, full" in msg
+    assert "run.yaml: train.stage: 'algin' is not allowed; choose one of: align, sft, dpo, full" in msg
     assert "did you mean 'align'?" in msg
 
 

@@ -44,6 +44,13 @@ def _data(args: argparse.Namespace) -> int:
         for task, folder in folders.items():
             print(f"{task:<10} {folder}")
         return 0
+    if args.data_command == "prefs":
+        from lmmkit.data.shapes.preferences import write_shapes_preferences
+
+        out = Path(args.out) if args.out else Path(args.data) / "train" / "preferences.json"
+        n = write_shapes_preferences(Path(args.data), out, seed=args.seed, limit=args.n)
+        print(f"{n} preference pairs written to {out} (images relative to {Path(args.data) / 'images'})")
+        return 0
     from lmmkit.data.check import check_file, format_report
     from lmmkit.data.schema import DataError
 
@@ -181,6 +188,12 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--out", help="default: <data>/bench")
     q.add_argument("--seed", type=int, default=0)
     q.add_argument("--n-images", type=int, help="override each generated task's size")
+    q = dsub.add_parser("prefs", help="write ShapesWorld preference pairs (faithful vs. hallucinated answers) "
+                                      "for the training images of a `data shapes` folder, for stage dpo")
+    q.add_argument("--data", required=True, help="a folder written by `lmmkit data shapes`")
+    q.add_argument("--out", help="default: <data>/train/preferences.json")
+    q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--n", type=int, help="at most this many pairs (one per training image)")
     q = dsub.add_parser("check", help="check a LLaVA JSON / JSONL file and its images without training")
     q.add_argument("file")
     q.add_argument("--image-folder")

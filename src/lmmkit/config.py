@@ -7,7 +7,7 @@ applies ``section.key=value`` overrides (the overrides win), checks every value 
 file, or ``command line``) and the dotted key::
 
     configs/x.yaml: unknown key 'train.lrr'; did you mean 'train.lr'? allowed keys in train: ...
-    command line: train.stage: 'algin' is not allowed; choose one of: align, sft, full
+    command line: train.stage: 'algin' is not allowed; choose one of: align, sft, dpo, full
 
 Values are parsed leniently where YAML is surprising: ``lr: 1e-3`` (a *string* to PyYAML) is
 read as a number, and an override's text is kept verbatim for string keys (``data.train=2024``).
@@ -22,12 +22,13 @@ import math
 import os
 import types
 import typing
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
+
+from lmmkit.specs import SHIPPED_LM, SHIPPED_VISION, Config, DataSpec, ModelSpec, TrainSpec
 
 __all__ = [
     "SHIPPED_LM",
@@ -43,95 +44,7 @@ __all__ = [
     "save_config",
 ]
 
-SHIPPED_LM = "shipped:lm"
-SHIPPED_VISION = "shipped:vision"
 COMMAND_LINE = "command line"
-
-
-def _bound(text: str, ok: Callable[[Any], bool], expect: str | None = None) -> dict[str, Any]:
-    """Field metadata: a range check, described as `text` after the type ("> 0"), or as `expect`."""
-    return {"bound": text, "ok": ok, "expect": expect}
-
-
-_GT0 = _bound("> 0", lambda v: v > 0)
-_GE0 = _bound(">= 0", lambda v: v >= 0)
-
-
-@dataclass
-class ModelSpec:
-    """Which parts make the model: a causal LM, a vision tower, and the bridge between them."""
-
-    llm: str = SHIPPED_LM  # HF folder (any AutoModelForCausalLM), hub id, or "shipped:lm"
-    vision: str = SHIPPED_VISION  # HF folder of a CLIP/SigLIP/DINOv2/ResNet/ConvNeXt model, or "shipped:vision"
-    vision_select_layer: int = -1  # hidden layer of the tower that feeds the bridge (LLaVA uses -2)
-    vision_drop_cls: bool = True
-    # mlp: one LLM token per tower token (LLaVA); resampler (Flamingo Perceiver) / qformer (BLIP-2):
-    # bridge_queries learned queries read the image, so every image costs exactly that many tokens.
-    bridge: Literal["mlp", "resampler", "qformer"] = "mlp"
-    bridge_layers: int = field(default=2, metadata=_bound("", lambda v: v in (1, 2), expect="1 or 2"))  # mlp only
-    bridge_queries: int = field(default=32, metadata=_GT0)  # resampler / qformer: tokens per image (K)
-    bridge_depth: int = field(default=2, metadata=_GT0)  # resampler / qformer: attention layers
-    bridge_heads: int = field(default=4, metadata=_GT0)  # resampler / qformer: must divide the width
-    bridge_width: int = field(default=0, metadata=_bound(">= 0 (0 = the LLM's hidden size)", lambda v: v >= 0))
-    # mlp only: regroup each r x r block of the tower's square token grid into one token (SmolVLM).
-    pixel_shuffle: int = field(default=1, metadata=_bound(">= 1 (1 = off)", lambda v: v >= 1))
-
-
-@dataclass
-class DataSpec:
-    """Which conversation files (LLaVA JSON / JSON lines) and images to read."""
-
-    train: str | None = None
-    image_folder: str | None = None
-    eval: str | None = None
-    max_length: int = field(default=512, metadata=_GT0)  # tokens per sample, image tokens included
-    bad_records: Literal["skip", "stop"] = "skip"
-
-
-@dataclass
-class TrainSpec:
-    """How to train. Stages: align = bridge only; sft = bridge + LLM (+ tower if
-    train_vision_tower); full = everything. Feature caching is turned off automatically when the
-    tower trains and the key is not set; setting it true then is an error."""
-
-    stage: Literal["align", "sft", "full"] = "sft"
-    train_vision_tower: bool = False
-    init_from: str | None = None  # checkpoint folder to start from (e.g. the align stage's output)
-    max_steps: int = field(default=0, metadata=_GE0)  # > 0 wins over epochs
-    epochs: float = field(default=1.0, metadata=_GT0)
-    batch_size: int = field(default=16, metadata=_GT0)
-    grad_accum: int = field(default=1, metadata=_bound(">= 1", lambda v: v >= 1))
-    lr: float = field(default=1e-3, metadata=_GT0)
-    warmup_ratio: float = field(default=0.03, metadata=_bound("in [0, 1)", lambda v: 0 <= v < 1))
-    weight_decay: float = field(default=0.0, metadata=_GE0)
-    max_grad_norm: float = field(default=1.0, metadata=_bound("> 0 (or 0 to disable clipping)", lambda v: v >= 0))
-    precision: Literal["bf16", "fp32"] = "bf16"
-    seed: int = field(default=0, metadata=_GE0)
-    output_dir: str = "runs/train"  # relative to the working directory, never to the YAML file
-    save_every: int = field(default=0, metadata=_GE0)  # steps between checkpoints; 0 = only at the end
-    log_every: int = field(default=10, metadata=_GT0)
-    cache_vision_features: bool = True  # only with a frozen tower
-
-    @property
-    def trains_vision_tower(self) -> bool:
-        return self.stage == "full" or (self.stage == "sft" and self.train_vision_tower)
-
-    @property
-    def trains_llm(self) -> bool:
-        return self.stage != "align"
-
-    @property
-    def uses_feature_cache(self) -> bool:
-        return self.cache_vision_features and not self.trains_vision_tower
-
-
-@dataclass
-class Config:
-    """A whole run: model, data and training specs."""
-
-    model: ModelSpec = field(default_factory=ModelSpec)
-    data: DataSpec = field(default_factory=DataSpec)
-    train: TrainSpec = field(default_factory=TrainSpec)
 
 
 class ConfigError(ValueError):
@@ -365,6 +278,15 @@ class _Raw:
         t = cfg.train
         if {"train.stage", "train.train_vision_tower", "train.cache_vision_features"} & bad:
             return
+        if t.lora_rank and t.stage not in ("sft", "dpo") and "train.lora_rank" not in bad:
+            self.error(self.origin("train.lora_rank"),
+                       f"train.lora_rank: LoRA adapts the LLM in stages sft and dpo, but stage {t.stage!r} "
+                       + ("trains only the bridge" if t.stage == "align" else "trains every weight")
+                       + "; set train.lora_rank=0 or use stage sft / dpo")
+        if t.dpo_reference == "adapters-off" and not t.lora_rank:
+            self.error(self.origin("train.dpo_reference"),
+                       "train.dpo_reference: 'adapters-off' uses the model with its LoRA adapters switched off as the "
+                       "reference, so it needs train.lora_rank > 0; set train.lora_rank (e.g. 16) or use 'copy'")
         if t.stage == "align" and t.train_vision_tower:
             self.error(self.origin("train.train_vision_tower"),
                        "train.train_vision_tower: stage 'align' trains only the bridge, so the tower cannot train; "
@@ -374,7 +296,7 @@ class _Raw:
                 t.cache_vision_features = False  # the default: caching is only for a frozen tower
             else:
                 why = ("stage 'full' trains it" if t.stage == "full"
-                       else "stage 'sft' with train.train_vision_tower=true trains it")
+                       else f"stage '{t.stage}' with train.train_vision_tower=true trains it")
                 self.error(self.origin("train.cache_vision_features"),
                            "train.cache_vision_features: true needs a frozen vision tower (cached features go stale "
                            f"once the tower changes), but {why}; set train.cache_vision_features=false")

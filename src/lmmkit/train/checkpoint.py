@@ -16,14 +16,16 @@ import shutil
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save_file, save_model
 from safetensors.torch import load_model as load_safetensors
-from safetensors.torch import save_model
 
+from lmmkit.models.lora import has_lora, load_lora_state_dict, lora_state_dict, merged_view
 from lmmkit.models.vlm import VisionLanguageModel
 
 CONFIG_FILE = "lmmkit_config.json"
 STATE_FILE = "trainer_state.json"
 OPTIMIZER_FILE = "optimizer.pt"
+LORA_FILE = "lora.safetensors"
 PARTS = ("vision", "bridge", "llm")
 
 
@@ -34,8 +36,16 @@ def save_checkpoint(path: Path, model: VisionLanguageModel, parts: tuple[str, ..
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
+    lora = "llm" in parts and has_lora(model.llm)
     for part in parts:
-        save_model(getattr(model, part), str(tmp / f"{part}.safetensors"))
+        if part == "llm" and lora:
+            # The merged weights load into a model without adapters (load_model, export, serve); the adapters
+            # alone are what --resume needs, since the base weights never change under LoRA.
+            with merged_view(model.llm):
+                save_model(model.llm, str(tmp / "llm.safetensors"))
+            save_file(lora_state_dict(model.llm), str(tmp / LORA_FILE))
+        else:
+            save_model(getattr(model, part), str(tmp / f"{part}.safetensors"))
     (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2))
     (tmp / STATE_FILE).write_text(json.dumps({**state, "parts": list(parts)}, indent=2))
     if optimizer is not None:
@@ -60,9 +70,17 @@ def read_config(path: Path) -> dict:
 
 
 def load_trained_parts(model: VisionLanguageModel, path: Path) -> list[str]:
-    """Load the parts a checkpoint saved into `model` (strict per part)."""
+    """Load the parts a checkpoint saved into `model` (strict per part). A model carrying LoRA adapters
+    (resuming a LoRA run) gets the checkpoint's adapters; one without gets the merged LLM weights."""
     parts = read_state(path)["parts"]
     for part in parts:
+        if part == "llm" and has_lora(model.llm):
+            lora_path = Path(path) / LORA_FILE
+            if not lora_path.exists():
+                raise ValueError(f"{path}: the model has LoRA adapters but this checkpoint saved none "
+                                 f"(no {LORA_FILE}); load it into a model without adapters")
+            load_lora_state_dict(model.llm, load_file(str(lora_path)))
+            continue
         load_safetensors(getattr(model, part), str(Path(path) / f"{part}.safetensors"), strict=True)
     return parts
 

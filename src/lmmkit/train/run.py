@@ -8,9 +8,13 @@ from lmmkit.config import Config, config_to_dict
 from lmmkit.data.check import BadRecordCounter
 from lmmkit.data.dataset import EncodedSample, encode_records
 from lmmkit.data.formats.llava import read_llava
+from lmmkit.data.formats.preference import read_preferences
+from lmmkit.data.preference import EncodedPair, encode_preferences
 from lmmkit.models.build import build_from_spec
+from lmmkit.models.lora import add_lora
 from lmmkit.models.vlm import VisionLanguageModel
 from lmmkit.train.checkpoint import load_model
+from lmmkit.train.dpo import DPOObjective, DPOSettings
 from lmmkit.train.features import FeatureCache
 from lmmkit.train.loop import StageResult, run_stage
 from lmmkit.train.stages import trainable_parts
@@ -26,15 +30,41 @@ def load_samples(model: VisionLanguageModel, path: str | Path, image_folder: str
     return samples, counter
 
 
+def load_preference_pairs(model: VisionLanguageModel, path: str | Path, image_folder: str | Path | None,
+                          max_length: int, policy: str = "skip", fmt: str = "auto"
+                          ) -> tuple[list[EncodedPair], BadRecordCounter]:
+    """Read a preference file (chosen/rejected pairs or VLFeedback) and encode each pair's two sequences."""
+    counter = BadRecordCounter()
+    records = read_preferences(Path(path), Path(image_folder) if image_folder else None, fmt=fmt, policy=policy,
+                               counter=counter)
+    pairs = encode_preferences(records, model.tokenizer, model.image_token_id, model.tokens_per_image, max_length,
+                               counter, policy)
+    return pairs, counter
+
+
 def train_from_config(cfg: Config, resume: bool = False) -> StageResult:
     t = cfg.train
     if not cfg.data.train:
-        raise ValueError("data.train is not set: name a LLaVA JSON / JSONL file to train on")
+        what = "a preference file (chosen/rejected pairs or VLFeedback)" if t.stage == "dpo" else \
+            "a LLaVA JSON / JSONL file"
+        raise ValueError(f"data.train is not set: name {what} to train on")
     model = load_model(t.init_from) if t.init_from else build_from_spec(cfg.model, seed=t.seed)
     model.train()
-    samples, counter = load_samples(model, cfg.data.train, cfg.data.image_folder, cfg.data.max_length,
-                                    cfg.data.bad_records)
-    print(f"{cfg.data.train}: {len(samples)} samples; {counter.summary()}")
+    if t.lora_rank:
+        wrapped = add_lora(model.llm, rank=t.lora_rank, alpha=t.lora_alpha, seed=t.seed)
+        print(f"LoRA rank {t.lora_rank}, alpha {t.lora_alpha:g} on {len(wrapped)} LLM projections")
+    objective = None
+    if t.stage == "dpo":
+        samples, counter = load_preference_pairs(model, cfg.data.train, cfg.data.image_folder, cfg.data.max_length,
+                                                 cfg.data.bad_records, cfg.data.preference_format)
+        print(f"{cfg.data.train}: {len(samples)} preference pairs; {counter.summary()}")
+        settings = DPOSettings(beta=t.dpo_beta, loss_type=t.dpo_loss, sft_weight=t.dpo_sft_weight,
+                               reference=t.dpo_reference)
+        objective = DPOObjective(model, settings, tower_frozen=not t.trains_vision_tower)
+    else:
+        samples, counter = load_samples(model, cfg.data.train, cfg.data.image_folder, cfg.data.max_length,
+                                        cfg.data.bad_records)
+        print(f"{cfg.data.train}: {len(samples)} samples; {counter.summary()}")
     frozen_tower = "vision" not in trainable_parts(t.stage, t.train_vision_tower)
     cache = None
     if t.cache_vision_features and frozen_tower:
@@ -45,5 +75,5 @@ def train_from_config(cfg: Config, resume: bool = False) -> StageResult:
         batch_size=t.batch_size, grad_accum=t.grad_accum, lr=t.lr, max_steps=t.max_steps, epochs=t.epochs,
         warmup_ratio=t.warmup_ratio, weight_decay=t.weight_decay, max_grad_norm=t.max_grad_norm,
         precision=t.precision, seed=t.seed, save_every=t.save_every, log_every=t.log_every,
-        train_vision_tower=t.train_vision_tower, cache=cache, resume=resume,
+        train_vision_tower=t.train_vision_tower, cache=cache, resume=resume, objective=objective,
     )

@@ -6,6 +6,8 @@ from typing import Literal
 
 from torch import nn
 
+from lmmkit.models.lora import has_lora, restrict_to_lora
+
 Stage = Literal["align", "sft", "dpo", "full"]
 STAGES: tuple[str, ...] = ("align", "sft", "dpo", "full")
 
@@ -23,7 +25,8 @@ def trainable_parts(stage: str, train_vision_tower: bool = False) -> tuple[str, 
 
 
 def apply_stage(model: nn.Module, stage: str, train_vision_tower: bool = False, verbose: bool = True) -> dict[str, int]:
-    """Freeze everything, then unfreeze the stage's parts. Returns trainable parameter counts per part."""
+    """Freeze everything, then unfreeze the stage's parts. Returns trainable parameter counts per part.
+    An LLM carrying LoRA adapters trains its adapters only."""
     parts = trainable_parts(stage, train_vision_tower)
     counts: dict[str, int] = {}
     for name in ("vision", "bridge", "llm"):
@@ -31,13 +34,18 @@ def apply_stage(model: nn.Module, stage: str, train_vision_tower: bool = False, 
         train = name in parts
         module.requires_grad_(train)
         module.train(train)
-        counts[name] = sum(p.numel() for p in module.parameters()) if train else 0
+        if train and name == "llm" and has_lora(module):
+            counts[name] = restrict_to_lora(module)
+        else:
+            counts[name] = sum(p.numel() for p in module.parameters()) if train else 0
     if verbose:
         total = sum(p.numel() for p in model.parameters())
         lines = [f"stage {stage}: training {', '.join(parts)}"]
         for name in ("vision", "bridge", "llm"):
             size = sum(p.numel() for p in getattr(model, name).parameters())
-            lines.append(f"  {name:<7} {'trains' if counts[name] else 'frozen':<7} {size:>12,} params")
+            lora = name == "llm" and counts[name] and has_lora(model.llm)
+            note = f" (LoRA adapters only: {counts[name]:,})" if lora else ""
+            lines.append(f"  {name:<7} {'trains' if counts[name] else 'frozen':<7} {size:>12,} params{note}")
         lines.append(f"  trainable {sum(counts.values()):,} of {total:,}")
         print("\n".join(lines))
     return counts

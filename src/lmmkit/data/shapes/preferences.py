@@ -110,3 +110,16 @@ def preference_pairs(scenes: Sequence[Scene], images: Sequence[str | Path], seed
     kinds, weights = list(mix), [mix[k] for k in mix]
     return [preference_pair(rng, world, scene, image, rng.choices(kinds, weights=weights)[0])
             for scene, image in zip(scenes, images, strict=True)]
+
+
+def write_shapes_preferences(data_dir: Path, out: Path, seed: int = 0, limit: int | None = None,
+                             mix: dict[str, float] | None = None) -> int:
+    """Pairs for the training scenes of a `generate_shapes` folder, written as chosen/rejected JSON with
+    image paths relative to `data_dir/images`. Returns how many were written."""
+    from lmmkit.data.formats.preference import write_preferences
+    from lmmkit.data.shapes.generate import load_scenes
+
+    data_dir = Path(data_dir)
+    scenes = load_scenes(data_dir / "train" / "scenes.jsonl")[:limit]
+    images = [data_dir / "images" / s.extra["image"] for s in scenes]
+    return write_preferences(preference_pairs(scenes, images, seed=seed, mix=mix), out, data_dir / "images")
