@@ -9,6 +9,7 @@ flattened row by row into tokens.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Protocol
 
 import torch
 from PIL import Image
@@ -19,6 +20,28 @@ from transformers import AutoConfig, AutoImageProcessor, AutoModel, CLIPVisionMo
 VIT_TYPES = {"clip_vision_model": True, "clip": True, "siglip_vision_model": False, "siglip": False,
              "dinov2": True, "vit": True}
 CONV_TYPES = {"resnet", "convnext", "convnextv2"}
+
+
+class VisionEncoder(Protocol):
+    """What VisionLanguageModel, FeatureCache and the training loop use of a tower.
+
+    VisionTower (one HF model), FusedVisionTower (several, features concatenated) and PatchEmbedTower
+    (raw Fuyu patches, no encoder) all provide it, so any of them can be the model's `vision` part.
+    """
+
+    @property
+    def hidden_size(self) -> int: ...  # feature width D of forward's (B, N, D)
+
+    def preprocess(self, images: list[Image.Image]) -> torch.Tensor: ...
+
+    def num_tokens(self, pixel_values: torch.Tensor | None = None) -> int: ...
+
+    @property
+    def dtype(self) -> torch.dtype: ...
+
+    def save_pretrained(self, path: str | Path) -> None: ...
+
+    def __call__(self, pixel_values: torch.Tensor) -> torch.Tensor: ...
 
 
 class VisionTower(nn.Module):
@@ -59,13 +82,16 @@ class VisionTower(nn.Module):
     def preprocess(self, images: list[Image.Image]) -> torch.Tensor:
         return self.processor(images=[im.convert("RGB") for im in images], return_tensors="pt")["pixel_values"]
 
+    @property
+    def input_size(self) -> tuple[int, int]:
+        """(height, width) of the processor's output: the crop when it center-crops, else its resize."""
+        size = self.processor.crop_size if getattr(self.processor, "do_center_crop", False) else self.processor.size
+        return (size.get("height") or size.get("shortest_edge"), size.get("width") or size.get("shortest_edge"))
+
     def num_tokens(self, pixel_values: torch.Tensor | None = None) -> int:
         """Visual tokens per image at the processor's input size."""
         if pixel_values is None:
-            size = self.processor.crop_size if getattr(self.processor, "do_center_crop", False) else self.processor.size
-            h = size.get("height") or size.get("shortest_edge")
-            w = size.get("width") or size.get("shortest_edge")
-            pixel_values = torch.zeros(1, 3, h, w)
+            pixel_values = torch.zeros(1, 3, *self.input_size)
         with torch.no_grad():
             return self.forward(pixel_values.to(self.dtype)).shape[1]
 
