@@ -194,3 +194,22 @@ def test_example_configs_load(name: str) -> None:
         assert cfg.data.train == str(REPO / "runs" / "demo" / "data" / "train" / "conversations.json")
     else:
         assert cfg.model.vision_select_layer == -2
+
+
+def test_architecture_choices_that_cannot_go_together_fail_at_config_time() -> None:
+    def problems(*overrides: str) -> str:
+        with pytest.raises(ConfigError) as info:
+            load_config(None, list(overrides))
+        return str(info.value)
+
+    assert "model.bridge='fuyu' with model.vision='shipped:vision'" in problems("model.bridge=fuyu")
+    assert "model.bridge='mlp' with model.vision='patch'" in problems("model.vision=patch")
+    msg = problems("model.bridge=resampler", "model.pixel_shuffle=2")
+    assert "model.pixel_shuffle=2 regroups tokens for the MLP bridge, but model.bridge='resampler'" in msg
+    msg = problems("model.vision=patch", "model.bridge=fuyu", "model.patch_size=5", "model.vision_extra=x")
+    assert "model.patch_canvas_height=64 is not a multiple of model.patch_size=5" in msg
+    assert "patch sizes that fit: 1, 2, 4, 8, 16, 32, 64" in msg
+    assert "cannot be fused with another tower" in msg
+    cfg = load_config(None, ["model.vision=patch", "model.bridge=fuyu", "model.bridge=cross-attention",
+                             "model.vision=shipped:vision", "model.cross_attention_every=2"])
+    assert (cfg.model.bridge, cfg.model.cross_attention_every) == ("cross-attention", 2)

@@ -73,7 +73,13 @@ def _train(args: argparse.Namespace) -> int:
     except ConfigError as err:
         print(f"config error:\n{err}", file=sys.stderr)
         return 2
-    result = train_from_config(cfg, resume=args.resume)
+    from lmmkit.train.run import ModelBuildError
+
+    try:
+        result = train_from_config(cfg, resume=args.resume)
+    except ModelBuildError as err:
+        print(f"model error ({args.config}):\n{err}", file=sys.stderr)
+        return 2
     print(f"{result.stage}: {result.steps} steps, final loss {result.final_loss:.4f}, "
           f"{result.tokens_per_second:,.0f} tokens/s; checkpoint {result.checkpoint}")
     return 0

@@ -63,7 +63,7 @@ _FIELDS: dict[str, dict[str, dataclasses.Field]] = {
 # Input paths: any relative path resolves against the base folder.
 _PATH_KEYS = {"data.train", "data.image_folder", "data.eval", "train.init_from"}
 # Model paths: may also be hub ids ("org/name"), so only clearly-local relative paths resolve.
-_MODEL_PATH_KEYS = {"model.llm", "model.vision"}
+_MODEL_PATH_KEYS = {"model.llm", "model.vision", "model.vision_extra"}
 
 
 class _Invalid(Exception):
@@ -275,6 +275,7 @@ class _Raw:
             if f"model.{key}" not in bad and value.startswith("shipped:") and value != shipped:
                 self.error(self.origin(f"model.{key}"), f"model.{key}: {value!r} is not a shipped part; the shipped "
                            f"{what} is '{shipped}' (otherwise give an HF folder or hub id)")
+        self._check_model(cfg.model, bad)
         t = cfg.train
         if {"train.stage", "train.train_vision_tower", "train.cache_vision_features"} & bad:
             return
@@ -300,6 +301,30 @@ class _Raw:
                 self.error(self.origin("train.cache_vision_features"),
                            "train.cache_vision_features: true needs a frozen vision tower (cached features go stale "
                            f"once the tower changes), but {why}; set train.cache_vision_features=false")
+
+
+    def _check_model(self, m: ModelSpec, bad: set[str]) -> None:
+        """Architecture choices that cannot go together, caught before anything is loaded."""
+        if {"model.bridge", "model.vision", "model.pixel_shuffle", "model.vision_extra"} & bad:
+            return
+        where = self.origin("model.bridge")
+        if (m.bridge == "fuyu") != (m.vision == "patch"):
+            self.error(where, f"model.bridge={m.bridge!r} with model.vision={m.vision!r}: the Fuyu bridge projects raw "
+                       "image patches, so model.bridge=fuyu goes with model.vision=patch and only with it")
+        if m.pixel_shuffle > 1 and m.bridge != "mlp":
+            self.error(self.origin("model.pixel_shuffle"), f"model.pixel_shuffle={m.pixel_shuffle} regroups tokens for "
+                       f"the MLP bridge, but model.bridge={m.bridge!r}; set model.pixel_shuffle=1 or model.bridge=mlp")
+        if m.vision == "patch":
+            if m.vision_extra:
+                self.error(self.origin("model.vision_extra"), "model.vision_extra: the patch embedding "
+                           "(model.vision=patch) cannot be fused with another tower; unset model.vision_extra")
+            for side in ("height", "width"):
+                size = getattr(m, f"patch_canvas_{side}")
+                if size % m.patch_size:
+                    fits = [p for p in range(1, size + 1) if size % p == 0 and p <= 64]
+                    self.error(self.origin(f"model.patch_canvas_{side}"),
+                               f"model.patch_canvas_{side}={size} is not a multiple of model.patch_size="
+                               f"{m.patch_size}; patch sizes that fit: {', '.join(map(str, fits))}")
 
 
 def _resolve(value: str, base: Path, model: bool) -> str:

@@ -29,12 +29,16 @@ class ModelSpec:
     """Which parts make the model: a causal LM, a vision tower, and the bridge between them."""
 
     llm: str = SHIPPED_LM  # HF folder (any AutoModelForCausalLM), hub id, or "shipped:lm"
-    vision: str = SHIPPED_VISION  # HF folder of a CLIP/SigLIP/DINOv2/ResNet/ConvNeXt model, or "shipped:vision"
+    # HF folder of a CLIP/SigLIP/DINOv2/ResNet/ConvNeXt model, "shipped:vision", or "patch" (no encoder: Fuyu)
+    vision: str = SHIPPED_VISION
+    vision_extra: str | None = None  # a second HF tower fused with `vision` (Prismatic: features concatenated)
     vision_select_layer: int = -1  # hidden layer of the tower that feeds the bridge (LLaVA uses -2)
     vision_drop_cls: bool = True
     # mlp: one LLM token per tower token (LLaVA); resampler (Flamingo Perceiver) / qformer (BLIP-2):
-    # bridge_queries learned queries read the image, so every image costs exactly that many tokens.
-    bridge: Literal["mlp", "resampler", "qformer"] = "mlp"
+    # bridge_queries learned queries read the image, so every image costs exactly that many tokens;
+    # cross-attention (Flamingo): gated cross-attention layers in the LLM, one <image> token per image;
+    # fuyu: raw patches (vision "patch") projected linearly, with a row-break token after each patch row.
+    bridge: Literal["mlp", "resampler", "qformer", "cross-attention", "fuyu"] = "mlp"
     bridge_layers: int = field(default=2, metadata=_bound("", lambda v: v in (1, 2), expect="1 or 2"))  # mlp only
     bridge_queries: int = field(default=32, metadata=_GT0)  # resampler / qformer: tokens per image (K)
     bridge_depth: int = field(default=2, metadata=_GT0)  # resampler / qformer: attention layers
@@ -42,6 +46,10 @@ class ModelSpec:
     bridge_width: int = field(default=0, metadata=_bound(">= 0 (0 = the LLM's hidden size)", lambda v: v >= 0))
     # mlp only: regroup each r x r block of the tower's square token grid into one token (SmolVLM).
     pixel_shuffle: int = field(default=1, metadata=_bound(">= 1 (1 = off)", lambda v: v >= 1))
+    cross_attention_every: int = field(default=1, metadata=_GT0)  # cross-attention: a block before every N-th layer
+    patch_size: int = field(default=8, metadata=_GT0)  # vision "patch": pixels per patch side
+    patch_canvas_height: int = field(default=64, metadata=_GT0)  # vision "patch": images are fitted onto this canvas
+    patch_canvas_width: int = field(default=64, metadata=_GT0)
 
 
 @dataclass

@@ -8,7 +8,8 @@ import torch
 from lmmkit.data.collate import pad_batch
 from lmmkit.eval.generation import prompt_ids
 from lmmkit.models.bridges.cross_attention import GatedCrossAttentionBlock, decoder_layers
-from lmmkit.models.cross_attention_vlm import CrossAttentionVLM, build_cross_attention_vlm
+from lmmkit.models.build import build_vlm
+from lmmkit.models.cross_attention_vlm import CrossAttentionVLM
 from lmmkit.models.language import load_language_model
 from lmmkit.models.vlm import ImageTokenMismatchError
 from lmmkit.train.checkpoint import load_trained_parts, save_checkpoint
@@ -19,7 +20,7 @@ LLMS = pytest.mark.parametrize("llm_fixture", ["tiny_llama_dir", "tiny_gpt2_dir"
 
 
 def _build(llm_dir, clip_dir, **kw) -> CrossAttentionVLM:
-    return build_cross_attention_vlm(str(llm_dir), str(clip_dir), vision_select_layer=-2, **kw).eval()
+    return build_vlm(str(llm_dir), str(clip_dir), vision_select_layer=-2, bridge="cross-attention", **kw).eval()
 
 
 def _bare(llm_dir):
@@ -68,7 +69,7 @@ def test_at_init_the_model_is_exactly_the_bare_llm(llm_fixture, tiny_clip_dir, r
 
 
 def test_every_n_puts_one_block_before_layers_0_n_2n(tiny_llama_dir, tiny_clip_dir):
-    model = _build(tiny_llama_dir, tiny_clip_dir, every=2)
+    model = _build(tiny_llama_dir, tiny_clip_dir, cross_attention_every=2)
     layers = decoder_layers(model.llm)
     assert model.bridge.layer_indices == [0] and len(model.bridge.blocks) == 1
     assert [len(layer._forward_pre_hooks) for layer in layers] == [1, 0]

@@ -1,7 +1,8 @@
-"""End to end on ShapesWorld for each new bridge family: `lmmkit train` align then sft, reload, chat.
+"""End to end on ShapesWorld for each architecture option: `lmmkit train` align then sft, reload, chat.
 
 The shipped LM and shipped ResNet tower (an 8x8 grid, 64 tokens per image) with: the MLP bridge
-after a 2x pixel shuffle (16 tokens), a Perceiver resampler (8 queries) and a Q-Former (6 queries).
+after a 2x pixel shuffle (16 tokens), a Perceiver resampler (8 queries), a Q-Former (6 queries),
+Flamingo cross-attention (1 marker token), Fuyu patches (72 tokens) and a fused tower (64 tokens).
 Every step trains on the same small batch (batch_size = the whole tiny dataset), so the align loss
 must fall; the sft checkpoint must reload into a model whose logits equal the trained one's.
 """
@@ -20,7 +21,9 @@ from lmmkit.cli import main
 from lmmkit.data.images import load_image
 from lmmkit.data.shapes.generate import generate_shapes
 from lmmkit.eval.generation import answer_questions, prompt_ids
-from lmmkit.models.bridges import PixelShuffleBridge, ResamplerBridge
+from lmmkit.models.bridges import MLPBridge, PixelShuffleBridge, ResamplerBridge
+from lmmkit.models.bridges.cross_attention import GatedCrossAttentionBridge
+from lmmkit.models.bridges.fuyu import FuyuBridge
 from lmmkit.train.checkpoint import load_model, read_config
 
 N_IMAGES = 6
@@ -30,6 +33,13 @@ FAMILIES = {
                   8),
     "qformer": ({"bridge": "qformer", "bridge_queries": 6, "bridge_depth": 1, "bridge_heads": 4, "bridge_width": 64},
                 ResamplerBridge, 6),
+    # Flamingo: one <image> marker per image; gated blocks before layers 0 and 2 of the 4-layer LM.
+    "cross-attention": ({"bridge": "cross-attention", "cross_attention_every": 2, "bridge_heads": 4},
+                        GatedCrossAttentionBridge, 1),
+    # Fuyu: raw 8x8 patches of the 64x64 image (8 rows of 8) plus a row break per row.
+    "fuyu": ({"vision": "patch", "bridge": "fuyu", "patch_size": 8}, FuyuBridge, 8 * 9),
+    # Prismatic-style fusion (here the shipped tower with itself: same grid, features concatenated).
+    "fused": ({"vision_extra": "shipped:vision"}, MLPBridge, 64),
 }
 
 
@@ -108,3 +118,13 @@ def test_align_sft_reload_chat_with_each_bridge(family, shapes, tmp_path, monkey
     printed = capsys.readouterr().out.rstrip("\n").split("\n")[-1]
     expected = answer_questions(reloaded, [(image, "What is in the image?")], max_new_tokens=6, progress=False)[0]
     assert printed == expected
+
+
+def test_fused_towers_that_do_not_fit_fail_before_any_data_is_read(shapes, tmp_path, monkeypatch, capsys,
+                                                                   tiny_clip_dir):
+    monkeypatch.chdir(tmp_path)
+    config = _write_config(tmp_path / "run.yaml", shapes, {"vision_extra": str(tiny_clip_dir)})
+    assert main(["train", "--config", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert f"model error ({config})" in err and "same size" in err, err
+    assert not (tmp_path / "runs").exists()

@@ -11,9 +11,13 @@ import torch
 from torch import nn
 
 from lmmkit.models.bridges import MLPBridge, PixelShuffleBridge, ResamplerBridge
+from lmmkit.models.bridges.fuyu import FuyuBridge
+from lmmkit.models.cross_attention_vlm import CrossAttentionVLM
+from lmmkit.models.fused_tower import FusedVisionTower
 from lmmkit.models.language import load_language_model
 from lmmkit.models.parts import part_path
-from lmmkit.models.vision import VisionTower
+from lmmkit.models.patch_tower import PatchEmbedTower
+from lmmkit.models.vision import VisionEncoder, VisionTower
 from lmmkit.models.vlm import VisionLanguageModel
 
 SHIPPED = "shipped:"
@@ -31,6 +35,7 @@ def resolve_part(ref: str) -> str | Path:
     return ref
 
 
+# Bridges make_bridge builds; build_vlm also takes "cross-attention" (Flamingo) and "fuyu" (patch embedding).
 BRIDGES: tuple[str, ...] = ("mlp", "resampler", "qformer")
 # ModelSpec's bridge name -> ResamplerBridge style.
 RESAMPLER_STYLES = {"resampler": "perceiver", "qformer": "qformer"}
@@ -75,36 +80,70 @@ def make_bridge(kind: str, vision_dim: int, llm_dim: int, n_tokens: int | None =
                            style=RESAMPLER_STYLES[kind], num_input_tokens=n_tokens)
 
 
+PATCH_TOWER = "patch"  # model.vision value for the encoder-free (Fuyu) patch embedding
+
+
+def make_tower(vision: str, vision_select_layer: int = -1, vision_drop_cls: bool = True, *,
+               vision_extra: str | None = None, patch_size: int = 8,
+               patch_canvas: tuple[int, int] = (64, 64)) -> VisionEncoder:
+    """The vision side a spec names: an HF tower, two fused HF towers, or the weightless patch embedding."""
+    if vision == PATCH_TOWER:
+        if vision_extra:
+            raise ValueError("model.vision_extra: the patch embedding (model.vision=patch) cannot be fused with "
+                             "another tower; unset model.vision_extra")
+        return PatchEmbedTower(canvas=patch_canvas, patch_size=patch_size)
+    if vision_extra:
+        return FusedVisionTower.from_pretrained([resolve_part(vision), resolve_part(vision_extra)],
+                                                select_layers=vision_select_layer, drop_cls=vision_drop_cls)
+    return VisionTower.from_pretrained(resolve_part(vision), select_layer=vision_select_layer,
+                                       drop_cls=vision_drop_cls)
+
+
 def build_vlm(llm: str = "shipped:lm", vision: str = "shipped:vision", vision_select_layer: int = -1,
               vision_drop_cls: bool = True, bridge_layers: int = 2, seed: int = 0, *, bridge: str = "mlp",
               bridge_queries: int = 32, bridge_depth: int = 2, bridge_heads: int = 4, bridge_width: int = 0,
-              pixel_shuffle: int = 1) -> VisionLanguageModel:
-    """LLM + vision tower + a freshly initialised bridge (seeded); the keyword arguments mirror ModelSpec.
+              pixel_shuffle: int = 1, cross_attention_every: int = 1, vision_extra: str | None = None,
+              patch_size: int = 8, patch_canvas_height: int = 64, patch_canvas_width: int = 64
+              ) -> VisionLanguageModel:
+    """LLM + vision side + a freshly initialised bridge (seeded); the keyword arguments mirror ModelSpec.
 
-    Bridge options that do not fit the tower (a grid pixel shuffle cannot regroup, heads that do not
-    divide the width) raise ValueError here, before any data is read or training starts.
+    Options that do not fit the parts (a grid pixel shuffle cannot regroup, heads that do not divide the
+    width, fused towers with different grids) raise ValueError here, before any data is read or training
+    starts. bridge "cross-attention" gives a CrossAttentionVLM (Flamingo); "fuyu" needs vision "patch".
     """
+    if (bridge == "fuyu") != (vision == PATCH_TOWER):
+        raise ValueError(f"model.bridge={bridge!r} with model.vision={vision!r}: the Fuyu bridge projects raw "
+                         "patches, so it goes with model.vision=patch and only with it")
     llm_model, tokenizer = load_language_model(resolve_part(llm))
-    tower = VisionTower.from_pretrained(resolve_part(vision), select_layer=vision_select_layer,
-                                        drop_cls=vision_drop_cls)
+    tower = make_tower(vision, vision_select_layer, vision_drop_cls, vision_extra=vision_extra,
+                       patch_size=patch_size, patch_canvas=(patch_canvas_height, patch_canvas_width))
+    llm_dim = llm_model.config.hidden_size
+    if bridge == "cross-attention":
+        torch.manual_seed(seed)
+        return CrossAttentionVLM(tower, llm_model, tokenizer, every=cross_attention_every, heads=bridge_heads)
+    if bridge == "fuyu":
+        torch.manual_seed(seed)
+        return VisionLanguageModel(tower, llm_model, tokenizer, bridge=FuyuBridge(tower.hidden_size, llm_dim,
+                                                                                  *tower.grid))
     # Only bridges that depend on the token count pay for the tower's probe forward pass; it runs before
     # seeding, so the bridge's initial weights depend on `seed` alone (the MLP's are as they always were).
     plain_mlp = bridge == "mlp" and pixel_shuffle == 1
     n_tokens = None if plain_mlp else tower.num_tokens()
     torch.manual_seed(seed)
-    module = make_bridge(bridge, tower.hidden_size, llm_model.config.hidden_size, n_tokens, layers=bridge_layers,
+    module = make_bridge(bridge, tower.hidden_size, llm_dim, n_tokens, layers=bridge_layers,
                          queries=bridge_queries, depth=bridge_depth, heads=bridge_heads, width=bridge_width,
                          pixel_shuffle=pixel_shuffle)
     return VisionLanguageModel(tower, llm_model, tokenizer, bridge=module)
 
 
-# ModelSpec / saved-config keys that choose the bridge beyond bridge_layers; configs written before they
-# existed lack them, and the defaults (a plain MLP) are what those checkpoints were trained with.
-BRIDGE_KEYS = ("bridge", "bridge_queries", "bridge_depth", "bridge_heads", "bridge_width", "pixel_shuffle")
+# ModelSpec / saved-config keys beyond build_vlm's positional ones; configs written before they existed lack
+# them, and the defaults (one HF tower, a plain MLP) are what those checkpoints were trained with.
+BRIDGE_KEYS = ("bridge", "bridge_queries", "bridge_depth", "bridge_heads", "bridge_width", "pixel_shuffle",
+               "cross_attention_every", "vision_extra", "patch_size", "patch_canvas_height", "patch_canvas_width")
 
 
 def bridge_kwargs(model_section: Mapping[str, Any]) -> dict[str, Any]:
-    """build_vlm's bridge keyword arguments from a ModelSpec as a dict (a saved config's "model")."""
+    """build_vlm's keyword arguments from a ModelSpec as a dict (a saved config's "model")."""
     return {key: model_section[key] for key in BRIDGE_KEYS if key in model_section}
 
 
@@ -119,5 +158,5 @@ def describe(model: VisionLanguageModel) -> str:
     return ", ".join(f"{k} {v / 1e6:.2f}M" for k, v in n.items())
 
 
-__all__ = ["BRIDGES", "BRIDGE_KEYS", "bridge_kwargs", "build_from_spec", "build_vlm", "describe", "make_bridge",
-           "resolve_part"]
+__all__ = ["BRIDGES", "BRIDGE_KEYS", "PATCH_TOWER", "bridge_kwargs", "build_from_spec", "build_vlm", "describe",
+           "make_bridge", "make_tower", "resolve_part"]

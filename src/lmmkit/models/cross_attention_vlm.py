@@ -149,18 +149,4 @@ def _mismatch_message(per_row: list[int], n_images: int, sample_ids: Sequence[st
             f"images (cross-attention: one marker per image). Per sample: {detail}")
 
 
-def build_cross_attention_vlm(llm: str = "shipped:lm", vision: str = "shipped:vision", every: int = 1,
-                              heads: int = 4, ff_mult: int = 4, vision_select_layer: int = -1,
-                              vision_drop_cls: bool = True, seed: int = 0) -> CrossAttentionVLM:
-    """LLM + vision tower (as build_vlm loads them) + a freshly initialised, seeded cross-attention bridge."""
-    from lmmkit.models.build import resolve_part
-    from lmmkit.models.language import load_language_model
-
-    llm_model, tokenizer = load_language_model(resolve_part(llm))
-    tower = VisionTower.from_pretrained(resolve_part(vision), select_layer=vision_select_layer,
-                                        drop_cls=vision_drop_cls)
-    torch.manual_seed(seed)
-    return CrossAttentionVLM(tower, llm_model, tokenizer, every=every, heads=heads, ff_mult=ff_mult)
-
-
-__all__ = ["CrossAttentionVLM", "build_cross_attention_vlm"]
+__all__ = ["CrossAttentionVLM"]

@@ -31,6 +31,7 @@ from transformers import GenerationConfig, LlavaConfig, LlavaProcessor
 
 from lmmkit import IMAGE_TOKEN
 from lmmkit.models.bridges import MLPBridge, PixelShuffleBridge, ResamplerBridge
+from lmmkit.models.vision import VisionTower
 from lmmkit.models.vlm import VisionLanguageModel
 
 FORMATS = ("hf-llava", "hf-llava-next")
@@ -71,6 +72,11 @@ class ExportError(ValueError):
 def llava_mapping(model: VisionLanguageModel) -> dict:
     """The LlavaConfig fields that reproduce `model`, or ExportError naming the part with no equivalent."""
     tower, bridge, llm = model.vision, model.bridge, model.llm
+    if not isinstance(tower, VisionTower):
+        raise ExportError(
+            f"cannot export this architecture as hf-llava: the vision side is a {type(tower).__name__} "
+            "(fused towers or the encoder-free patch embedding); HF Llava has exactly one CLIP / SigLIP tower."
+        )
     vtype = tower.model.config.model_type
     if tower.is_conv:
         raise ExportError(

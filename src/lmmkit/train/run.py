@@ -20,6 +20,10 @@ from lmmkit.train.loop import StageResult, run_stage
 from lmmkit.train.stages import trainable_parts
 
 
+class ModelBuildError(ValueError):
+    """The config's model cannot be built from the parts it names (e.g. fused towers with different grids)."""
+
+
 def load_samples(model: VisionLanguageModel, path: str | Path, image_folder: str | Path | None, max_length: int,
                  policy: str = "skip") -> tuple[list[EncodedSample], BadRecordCounter]:
     """Read a LLaVA JSON / JSONL file and encode it; bad records are counted (or raise, under 'stop')."""
@@ -48,7 +52,10 @@ def train_from_config(cfg: Config, resume: bool = False) -> StageResult:
         what = "a preference file (chosen/rejected pairs or VLFeedback)" if t.stage == "dpo" else \
             "a LLaVA JSON / JSONL file"
         raise ValueError(f"data.train is not set: name {what} to train on")
-    model = load_model(t.init_from) if t.init_from else build_from_spec(cfg.model, seed=t.seed)
+    try:
+        model = load_model(t.init_from) if t.init_from else build_from_spec(cfg.model, seed=t.seed)
+    except ValueError as err:  # parts that do not fit the chosen architecture: say so before any data is read
+        raise ModelBuildError(str(err)) from err
     model.train()
     if t.lora_rank:
         wrapped = add_lora(model.llm, rank=t.lora_rank, alpha=t.lora_alpha, seed=t.seed)
