@@ -250,6 +250,9 @@ def build_parser() -> argparse.ArgumentParser:
     from lmmkit.models.tokens_cli import add_tokens_parser
 
     add_tokens_parser(sub)  # `lmmkit tokens IMAGE... --scheme anyres,gpt4v-high`: visual tokens per image
+    from lmmkit.analysis.probe_cli import add_probe_parser
+
+    add_probe_parser(sub)  # `lmmkit probe CKPT --image I --prompt P`; `lmmkit probe-study CKPT --data DIR`
 
     p = sub.add_parser("report", help="compare eval runs: a table per task and a plot (HTML)")
     p.add_argument("runs", nargs="+", help="eval output folders (or their results.json)")

@@ -1,0 +1,1 @@
+"""Analyses of trained models that look inside a forward pass (hallucination probes)."""
