@@ -28,6 +28,7 @@ from typing import Any, Literal
 
 import yaml
 
+from lmmkit.spec_checks import model_problems
 from lmmkit.specs import SHIPPED_LM, SHIPPED_VISION, Config, DataSpec, ModelSpec, TrainSpec
 
 __all__ = [
@@ -304,27 +305,12 @@ class _Raw:
 
 
     def _check_model(self, m: ModelSpec, bad: set[str]) -> None:
-        """Architecture choices that cannot go together, caught before anything is loaded."""
-        if {"model.bridge", "model.vision", "model.pixel_shuffle", "model.vision_extra"} & bad:
+        """Architecture choices that cannot go together, caught before anything is loaded (spec_checks)."""
+        if {"model.bridge", "model.vision", "model.pixel_shuffle", "model.vision_extra", "model.anyres",
+            "model.anyres_max"} & bad:
             return
-        where = self.origin("model.bridge")
-        if (m.bridge == "fuyu") != (m.vision == "patch"):
-            self.error(where, f"model.bridge={m.bridge!r} with model.vision={m.vision!r}: the Fuyu bridge projects raw "
-                       "image patches, so model.bridge=fuyu goes with model.vision=patch and only with it")
-        if m.pixel_shuffle > 1 and m.bridge != "mlp":
-            self.error(self.origin("model.pixel_shuffle"), f"model.pixel_shuffle={m.pixel_shuffle} regroups tokens for "
-                       f"the MLP bridge, but model.bridge={m.bridge!r}; set model.pixel_shuffle=1 or model.bridge=mlp")
-        if m.vision == "patch":
-            if m.vision_extra:
-                self.error(self.origin("model.vision_extra"), "model.vision_extra: the patch embedding "
-                           "(model.vision=patch) cannot be fused with another tower; unset model.vision_extra")
-            for side in ("height", "width"):
-                size = getattr(m, f"patch_canvas_{side}")
-                if size % m.patch_size:
-                    fits = [p for p in range(1, size + 1) if size % p == 0 and p <= 64]
-                    self.error(self.origin(f"model.patch_canvas_{side}"),
-                               f"model.patch_canvas_{side}={size} is not a multiple of model.patch_size="
-                               f"{m.patch_size}; patch sizes that fit: {', '.join(map(str, fits))}")
+        for key, message in model_problems(m):
+            self.error(self.origin(key), message)
 
 
 def _resolve(value: str, base: Path, model: bool) -> str:

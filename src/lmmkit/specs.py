@@ -50,6 +50,14 @@ class ModelSpec:
     patch_size: int = field(default=8, metadata=_GT0)  # vision "patch": pixels per patch side
     patch_canvas_height: int = field(default=64, metadata=_GT0)  # vision "patch": images are fitted onto this canvas
     patch_canvas_width: int = field(default=64, metadata=_GT0)
+    # LLaVA-NeXT AnyRes (a CLIP / SigLIP tower, the mlp bridge): each image is seen as a base view plus the tiles
+    # of the grid pinpoint that fits it best, so its visual tokens grow with its size (base + unpadded tile
+    # features + one learned image_newline per feature row).
+    anyres: bool = False
+    # "HxW,HxW,...", each a multiple of the tower's input size; null = LLaVA-1.6's 1x2, 2x1, 2x2, 3x1, 1x3 tiles
+    anyres_grid_pinpoints: str | None = None
+    # LLaVA-OneVision's anyres_max_N: tile features beyond about N tiles' worth are downsampled (bilinear)
+    anyres_max: int = field(default=0, metadata=_bound(">= 0 (0 = no cap)", lambda v: v >= 0))
 
 
 @dataclass

@@ -105,3 +105,27 @@ def load_image(path: Path, where: str, max_pixels: int = DEFAULT_MAX_PIXELS) -> 
             REASON_CORRUPT_IMAGE,
         ) from e
     return rgb
+
+
+def image_size(image, where: str = "") -> tuple[int, int]:
+    """(height, width) of a PIL image, or of an image file read from its header only (nothing decoded).
+
+    What a model whose visual tokens depend on the image size (AnyRes) needs at encode time, when
+    decoding every image of a dataset just to count its tokens would be wasted work. A missing or
+    unreadable file is a DataError naming `where`, like load_image.
+    """
+    if isinstance(image, Image.Image):
+        return image.height, image.width
+    path = Path(image)
+    where = where or str(path)
+    require_image_file(path, where)
+    try:
+        with Image.open(path) as im:
+            width, height = im.size
+    except UnidentifiedImageError as e:
+        raise data_error(f"{where}: cannot read image {path}: not a recognised image format (corrupt file?)",
+                         REASON_CORRUPT_IMAGE) from e
+    except Exception as e:  # PIL plugins raise OSError, SyntaxError, ... on a bad header
+        raise data_error(f"{where}: cannot read the size of image {path} (corrupt file?): {type(e).__name__}: {e}",
+                         REASON_CORRUPT_IMAGE) from e
+    return height, width

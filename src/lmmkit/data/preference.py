@@ -21,7 +21,7 @@ from lmmkit.data.check import (
     data_error,
 )
 from lmmkit.data.collate import expand_image_tokens, fit_to_length
-from lmmkit.data.dataset import EncodedSample
+from lmmkit.data.dataset import EncodedSample, ImageTokens, image_token_counts
 from lmmkit.data.schema import ROLES, DataError, Message
 from lmmkit.data.templates import IGNORE_INDEX, encode_conversation, encode_prompt
 
@@ -107,18 +107,20 @@ def _encode_answer_only(tokenizer, record: PreferenceRecord, which: str) -> tupl
     return ids, labels
 
 
-def encode_preferences(records: Iterable[PreferenceRecord], tokenizer, image_token_id: int, tokens_per_image: int,
-                       max_length: int, counter: BadRecordCounter, policy: BadRecordPolicy = "skip"
-                       ) -> list[EncodedPair]:
-    """Encode every record into a chosen and a rejected sample; bad or too-long ones go through `policy`."""
+def encode_preferences(records: Iterable[PreferenceRecord], tokenizer, image_token_id: int,
+                       tokens_per_image: ImageTokens, max_length: int, counter: BadRecordCounter,
+                       policy: BadRecordPolicy = "skip") -> list[EncodedPair]:
+    """Encode every record into a chosen and a rejected sample; bad or too-long ones go through `policy`.
+    `tokens_per_image` is one count, or a function (images, where) -> a count per image (AnyRes)."""
     pairs = []
     for record in records:
         try:
             record.validate()
             encoded = []
+            counts = image_token_counts(tokens_per_image, record.images, record.where)
             for which in ("chosen", "rejected"):
                 ids, labels = _encode_answer_only(tokenizer, record, which)
-                ids, labels = expand_image_tokens(ids, labels, image_token_id, tokens_per_image)
+                ids, labels = expand_image_tokens(ids, labels, image_token_id, counts)
                 fitted = fit_to_length(ids, labels, max_length, image_token_id, record.where)
                 if fitted is None:
                     raise data_error(f"{record.where}: the {which} sequence ({len(ids)} tokens) exceeds "

@@ -18,10 +18,19 @@ from lmmkit.train.features import FeatureCache
 from lmmkit.train.loop import make_batch
 
 
-def prompt_ids(model: VisionLanguageModel, question: str, with_image: bool = True) -> list[int]:
+def prompt_ids(model: VisionLanguageModel, question: str, with_image: bool = True, image: object = None) -> list[int]:
+    """The generation prompt "<image>\n{question}" with the image's placeholder tokens expanded.
+
+    `image` (a path or PIL image) is needed only when the model's token count depends on the image's
+    size (AnyRes); a fixed-count model expands to `tokens_per_image` without it."""
     content = f"{IMAGE_TOKEN}\n{question}" if with_image else question
     ids = encode_prompt(model.tokenizer, [Message("user", content)])
-    ids, _ = expand_image_tokens(ids, ids, model.image_token_id, model.tokens_per_image)
+    if not with_image:
+        return ids
+    if model.tokens_per_image is None and image is None:
+        raise ValueError("this model's visual tokens depend on the image's size (AnyRes): pass image= to prompt_ids")
+    counts = model.tokens_per_image if model.tokens_per_image is not None else model.image_token_counts([image])
+    ids, _ = expand_image_tokens(ids, ids, model.image_token_id, counts)
     return ids
 
 
@@ -37,10 +46,10 @@ def answer_questions(model: VisionLanguageModel, items: Sequence[tuple[object, s
         for i in tqdm(range(0, len(items), batch_size), desc=desc, unit="batch", disable=not progress,
                       total=math.ceil(len(items) / batch_size)):
             chunk = items[i:i + batch_size]
-            ids = [prompt_ids(model, q) for _, q in chunk]
+            ids = [prompt_ids(model, q, image=im) for im, q in chunk]
             batch = pad_batch([(x, x) for x in ids], model.tokenizer.pad_token_id, side="left")
             out = model.generate(batch["input_ids"], batch["attention_mask"],
-                                 vision_features=cache.stack([im for im, _ in chunk]), max_new_tokens=max_new_tokens)
+                                 **cache.inputs(model, [im for im, _ in chunk]), max_new_tokens=max_new_tokens)
             answers += [model.tokenizer.decode(t, skip_special_tokens=True).strip() for t in out]
     return answers
 

@@ -10,10 +10,12 @@ from typing import Any
 import torch
 from torch import nn
 
+from lmmkit.models.anyres_tower import make_anyres
 from lmmkit.models.bridges import MLPBridge, PixelShuffleBridge, ResamplerBridge
 from lmmkit.models.bridges.fuyu import FuyuBridge
 from lmmkit.models.cross_attention_vlm import CrossAttentionVLM
 from lmmkit.models.fused_tower import FusedVisionTower
+from lmmkit.models.highres import parse_pinpoints
 from lmmkit.models.language import load_language_model
 from lmmkit.models.parts import part_path
 from lmmkit.models.patch_tower import PatchEmbedTower
@@ -103,17 +105,21 @@ def build_vlm(llm: str = "shipped:lm", vision: str = "shipped:vision", vision_se
               vision_drop_cls: bool = True, bridge_layers: int = 2, seed: int = 0, *, bridge: str = "mlp",
               bridge_queries: int = 32, bridge_depth: int = 2, bridge_heads: int = 4, bridge_width: int = 0,
               pixel_shuffle: int = 1, cross_attention_every: int = 1, vision_extra: str | None = None,
-              patch_size: int = 8, patch_canvas_height: int = 64, patch_canvas_width: int = 64
+              patch_size: int = 8, patch_canvas_height: int = 64, patch_canvas_width: int = 64,
+              anyres: bool = False, anyres_grid_pinpoints: str | None = None, anyres_max: int = 0
               ) -> VisionLanguageModel:
     """LLM + vision side + a freshly initialised bridge (seeded); the keyword arguments mirror ModelSpec.
 
     Options that do not fit the parts (a grid pixel shuffle cannot regroup, heads that do not divide the
-    width, fused towers with different grids) raise ValueError here, before any data is read or training
-    starts. bridge "cross-attention" gives a CrossAttentionVLM (Flamingo); "fuyu" needs vision "patch".
+    width, fused towers with different grids, AnyRes pinpoints that are not multiples of the tower's input
+    size) raise ValueError here, before any data is read or training starts. bridge "cross-attention" gives
+    a CrossAttentionVLM (Flamingo); "fuyu" needs vision "patch"; anyres needs a ViT tower and the mlp bridge.
     """
     if (bridge == "fuyu") != (vision == PATCH_TOWER):
         raise ValueError(f"model.bridge={bridge!r} with model.vision={vision!r}: the Fuyu bridge projects raw "
                          "patches, so it goes with model.vision=patch and only with it")
+    if anyres:
+        _check_anyres_choices(bridge, pixel_shuffle, vision, vision_extra)
     llm_model, tokenizer = load_language_model(resolve_part(llm))
     tower = make_tower(vision, vision_select_layer, vision_drop_cls, vision_extra=vision_extra,
                        patch_size=patch_size, patch_canvas=(patch_canvas_height, patch_canvas_width))
@@ -133,13 +139,33 @@ def build_vlm(llm: str = "shipped:lm", vision: str = "shipped:vision", vision_se
     module = make_bridge(bridge, tower.hidden_size, llm_dim, n_tokens, layers=bridge_layers,
                          queries=bridge_queries, depth=bridge_depth, heads=bridge_heads, width=bridge_width,
                          pixel_shuffle=pixel_shuffle)
+    if anyres:
+        # After the projector's initialisation, so its weights are those of the same seed without AnyRes.
+        try:
+            points = parse_pinpoints(anyres_grid_pinpoints) if anyres_grid_pinpoints else None
+        except ValueError as err:
+            raise ValueError(f"model.anyres_grid_pinpoints: {err}") from None
+        tower, module = make_anyres(tower, module, llm_dim, points, anyres_max or None)
     return VisionLanguageModel(tower, llm_model, tokenizer, bridge=module)
+
+
+def _check_anyres_choices(bridge: str, pixel_shuffle: int, vision: str, vision_extra: str | None) -> None:
+    """AnyRes packs one bridged feature per patch of each tile: only a per-token projector on one ViT tower."""
+    if bridge != "mlp" or pixel_shuffle != 1:
+        raise ValueError(f"model.anyres works with model.bridge=mlp and model.pixel_shuffle=1 (LLaVA-NeXT's projector "
+                         f"maps each patch feature to one token), not model.bridge={bridge!r} with "
+                         f"model.pixel_shuffle={pixel_shuffle}")
+    if vision == PATCH_TOWER or vision_extra:
+        which = "model.vision=patch (no encoder)" if vision == PATCH_TOWER else "model.vision_extra (fused towers)"
+        raise ValueError(f"model.anyres tiles images for one ViT tower (CLIP, SigLIP), not {which}; "
+                         "set model.anyres=false or use a single CLIP / SigLIP tower")
 
 
 # ModelSpec / saved-config keys beyond build_vlm's positional ones; configs written before they existed lack
 # them, and the defaults (one HF tower, a plain MLP) are what those checkpoints were trained with.
 BRIDGE_KEYS = ("bridge", "bridge_queries", "bridge_depth", "bridge_heads", "bridge_width", "pixel_shuffle",
-               "cross_attention_every", "vision_extra", "patch_size", "patch_canvas_height", "patch_canvas_width")
+               "cross_attention_every", "vision_extra", "patch_size", "patch_canvas_height", "patch_canvas_width",
+               "anyres", "anyres_grid_pinpoints", "anyres_max")
 
 
 def bridge_kwargs(model_section: Mapping[str, Any]) -> dict[str, Any]:

@@ -43,11 +43,12 @@ def _import(args: argparse.Namespace) -> int:
 def add_export_parser(subparsers: argparse._SubParsersAction) -> None:
     """Add ``export CHECKPOINT --format hf-llava|hf-llava-next --out DIR [--overwrite] [--verify]``."""
     p = subparsers.add_parser(
-        "export", help="write an lmmkit checkpoint as an HF Llava folder (transformers, vLLM, SGLang)",
+        "export", help="write an lmmkit checkpoint as an HF Llava / LlavaNext folder (transformers, vLLM, SGLang)",
         description="Write a folder that transformers loads with AutoModelForImageTextToText / AutoProcessor "
-                    "(config, safetensors, tokenizer with <image>, processor, chat template). "
-                    "Architectures with no exact HF equivalent (conv towers, a 1-layer bridge, "
-                    "LlavaNext/AnyRes) are refused with the reason; see docs/export.md.")
+                    "(config, safetensors, tokenizer with <image>, processor, chat template). hf-llava-next "
+                    "takes AnyRes models (model.anyres=true), hf-llava the others. Architectures with no exact "
+                    "HF equivalent (conv towers, a 1-layer bridge, ...) are refused with the reason; see "
+                    "docs/export.md.")
     p.add_argument("checkpoint", help="an lmmkit checkpoint folder (or a run folder: its latest checkpoint)")
     p.add_argument("--format", choices=EXPORT_FORMATS, default="hf-llava")
     p.add_argument("--out", required=True, help="output folder")
@@ -62,10 +63,12 @@ def add_import_parser(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "import", help="turn an HF Llava folder into an lmmkit checkpoint (to fine-tune, evaluate, serve)",
         description="Write an lmmkit checkpoint (llm/ and vision/ HF subfolders, bridge.safetensors, "
-                    "lmmkit_config.json) whose logits equal the HF Llava model's.")
-    p.add_argument("folder", help="a local HF Llava (or LlavaNext) folder")
+                    "lmmkit_config.json) whose logits equal the HF Llava model's; a LlavaNext folder becomes "
+                    "an AnyRes model (model.anyres=true).")
+    p.add_argument("folder", help="a local HF Llava or LlavaNext folder")
     p.add_argument("--out", required=True, help="output checkpoint folder")
     p.add_argument("--base-resolution-only", action="store_true",
-                   help="LlavaNext: import the Llava inside it (no AnyRes tiles, image_newline dropped)")
+                   help="LlavaNext: import only the Llava inside it (no AnyRes tiles, image_newline dropped; "
+                        "answers then differ from the HF model's)")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     p.set_defaults(func=_import)

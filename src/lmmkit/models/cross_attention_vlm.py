@@ -80,7 +80,8 @@ class CrossAttentionVLM(VisionLanguageModel):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 labels: torch.Tensor | None = None, pixel_values: torch.Tensor | None = None,
                 vision_features: torch.Tensor | None = None, sample_ids: Sequence[str] | None = None,
-                **llm_kwargs) -> CausalLMOutputWithPast:
+                image_sizes: object = None, **llm_kwargs) -> CausalLMOutputWithPast:
+        del image_sizes  # one marker per image whatever its size: accepted for the common interface only
         image_embeds = None
         if pixel_values is not None or vision_features is not None:
             image_embeds = self.encode_images(pixel_values, vision_features)
@@ -95,9 +96,10 @@ class CrossAttentionVLM(VisionLanguageModel):
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                  pixel_values: torch.Tensor | None = None, vision_features: torch.Tensor | None = None,
                  image_embeds: torch.Tensor | None = None, max_new_tokens: int = 32, temperature: float = 0.0,
-                 top_p: float = 1.0, generator: torch.Generator | None = None) -> list[list[int]]:
+                 top_p: float = 1.0, generator: torch.Generator | None = None,
+                 image_sizes: object = None) -> list[list[int]]:
         """Batched generation with a KV cache, as VisionLanguageModel.generate (left-padded prompts,
-        temperature 0 = greedy, rows cut at the end-of-turn token)."""
+        temperature 0 = greedy, rows cut at the end-of-turn token). image_sizes is not needed."""
         if image_embeds is None and (pixel_values is not None or vision_features is not None):
             image_embeds = self.encode_images(pixel_values, vision_features)
         media = self.prepare_media(input_ids, image_embeds)

@@ -39,10 +39,11 @@ HF_VISION_TYPES = {"clip_vision_model", "siglip_vision_model"}
 GELU_ACTS = {"none": "gelu", "tanh": "gelu_pytorch_tanh"}  # nn.GELU(approximate=...) -> HF ACT2FN name
 
 LLAVA_NEXT_REASON = (
-    "cannot export as hf-llava-next: lmmkit has no AnyRes, its models see one base-resolution view. "
-    "HF LlavaNext always adds high-resolution grid tiles and image_newline tokens (even with a single "
-    "base-size pinpoint it appends at least one image_newline per image), so its inputs and logits "
-    "cannot equal lmmkit's. Export with --format hf-llava instead; vLLM and SGLang serve that as well."
+    "cannot export as hf-llava-next: this model has no AnyRes (model.anyres=false), it sees one "
+    "base-resolution view per image. HF LlavaNext always adds high-resolution grid tiles and image_newline "
+    "tokens (even with a single base-size pinpoint it appends at least one image_newline per image), so its "
+    "inputs and logits cannot equal this model's. Export with --format hf-llava instead (vLLM and SGLang serve "
+    "that as well), or train with model.anyres=true for a LlavaNext export."
 )
 
 # Prepended to lmmkit's (string-content) chat template: HF processors and OpenAI-style servers pass list
@@ -71,27 +72,36 @@ class ExportError(ValueError):
 
 def llava_mapping(model: VisionLanguageModel) -> dict:
     """The LlavaConfig fields that reproduce `model`, or ExportError naming the part with no equivalent."""
-    tower, bridge, llm = model.vision, model.bridge, model.llm
+    if getattr(model, "variable_tokens", False):
+        raise ExportError("cannot export this architecture as hf-llava: it is an AnyRes model (model.anyres=true), "
+                          "which sees grid tiles and image_newline tokens; HF Llava sees one view per image. "
+                          "Export with --format hf-llava-next")
+    return parts_mapping(model.vision, model.bridge, model.llm)
+
+
+def parts_mapping(tower: nn.Module, bridge: nn.Module, llm: nn.Module, fmt: str = "hf-llava") -> dict:
+    """The Llava(Next)Config fields for a tower, a projector and an LLM, or ExportError naming the part that
+    has no equivalent in `fmt` (LlavaNext's tower and projector are Llava's)."""
     if not isinstance(tower, VisionTower):
         raise ExportError(
-            f"cannot export this architecture as hf-llava: the vision side is a {type(tower).__name__} "
+            f"cannot export this architecture as {fmt}: the vision side is a {type(tower).__name__} "
             "(fused towers or the encoder-free patch embedding); HF Llava has exactly one CLIP / SigLIP tower."
         )
     vtype = tower.model.config.model_type
     if tower.is_conv:
         raise ExportError(
-            f"cannot export this architecture as hf-llava: the vision tower is a convolutional {vtype!r} "
+            f"cannot export this architecture as {fmt}: the vision tower is a convolutional {vtype!r} "
             "model (feature maps flattened into tokens). HF Llava, vLLM and SGLang only build ViT towers "
             "(CLIP, SigLIP), so there is no equivalent; this includes lmmkit's shipped demo tower (a ResNet)."
         )
     if vtype not in HF_VISION_TYPES:
         raise ExportError(
-            f"cannot export this architecture as hf-llava: vision tower type {vtype!r} is not CLIP or "
+            f"cannot export this architecture as {fmt}: vision tower type {vtype!r} is not CLIP or "
             "SigLIP, the only Llava towers vLLM and SGLang build."
         )
     if not isinstance(bridge, MLPBridge):
         raise ExportError(
-            f"cannot export this architecture as hf-llava: the bridge is {_bridge_kind(bridge)}. HF Llava's "
+            f"cannot export this architecture as {fmt}: the bridge is {_bridge_kind(bridge)}. HF Llava's "
             "multi_modal_projector maps each vision token to one LLM token through Linear-GELU-Linear, with no "
             "learned queries and no token regrouping, so only model.bridge=mlp with model.pixel_shuffle=1 "
             "(and model.bridge_layers=2) has an exact equivalent."
@@ -100,13 +110,13 @@ def llava_mapping(model: VisionLanguageModel) -> dict:
     acts = [m for m in bridge.modules() if isinstance(m, nn.GELU)]
     if not isinstance(bridge, MLPBridge) or len(linears) != 2 or len(acts) != 1:
         raise ExportError(
-            f"cannot export this architecture as hf-llava: the bridge has {len(linears)} linear layer(s) "
+            f"cannot export this architecture as {fmt}: the bridge has {len(linears)} linear layer(s) "
             f"({type(bridge).__name__}); HF Llava's multi_modal_projector is always Linear-GELU-Linear "
             "(LLaVA-1.5), so only model.bridge_layers=2 has an exact equivalent."
         )
     if llm.base_model_prefix != "model":
         raise ExportError(
-            f"cannot export this architecture as hf-llava: the LLM ({type(llm).__name__}) keeps its decoder "
+            f"cannot export this architecture as {fmt}: the LLM ({type(llm).__name__}) keeps its decoder "
             f"under {llm.base_model_prefix!r}, which the Llava layout (language_model.model.*) cannot name; "
             "decoder LLMs laid out as <Arch>ForCausalLM.model (Llama, Mistral, Qwen2, Gemma, ...) export."
         )
@@ -133,15 +143,20 @@ def _bridge_kind(bridge: nn.Module) -> str:
 
 def llava_state_dict(model: VisionLanguageModel, tied: bool) -> dict[str, torch.Tensor]:
     """All weights under classic llava-hf names (a tied lm_head is left out: it is the embedding)."""
+    return parts_state_dict(model.vision.model, model.bridge, model.llm, tied)
+
+
+def parts_state_dict(vision_model: nn.Module, bridge: nn.Module, llm: nn.Module, tied: bool) -> dict[str, torch.Tensor]:
+    """Tower, 2-layer projector and LLM weights under classic llava-hf names (LlavaNext's too)."""
     state = {}
-    for name, tensor in model.vision.model.state_dict().items():
+    for name, tensor in vision_model.state_dict().items():
         name = name if name.startswith("vision_model.") else f"vision_model.{name}"
         state[f"vision_tower.{name}"] = tensor
-    first, second = [m for m in model.bridge.modules() if isinstance(m, nn.Linear)]
+    first, second = [m for m in bridge.modules() if isinstance(m, nn.Linear)]
     for hf_name, linear in (("linear_1", first), ("linear_2", second)):
         state[f"multi_modal_projector.{hf_name}.weight"] = linear.weight
         state[f"multi_modal_projector.{hf_name}.bias"] = linear.bias
-    for name, tensor in model.llm.state_dict().items():
+    for name, tensor in llm.state_dict().items():
         if not (tied and name == "lm_head.weight"):
             state[f"language_model.{name}"] = tensor
     return {k: v.detach().contiguous() for k, v in state.items()}
@@ -235,7 +250,9 @@ def export_hf(checkpoint: str | Path, out: str | Path, fmt: str = "hf-llava",
     if fmt not in FORMATS:
         raise ValueError(f"unknown export format {fmt!r}; choose one of {', '.join(FORMATS)}")
     if fmt == "hf-llava-next":
-        raise ExportError(LLAVA_NEXT_REASON)  # whatever the checkpoint holds
+        from lmmkit.models.export_llava_next import export_llava_next
+
+        return export_llava_next(load_model(checkpoint), out, overwrite=overwrite)
     return export_llava(load_model(checkpoint), out, overwrite=overwrite)
 
 
@@ -259,14 +276,17 @@ def compare_logits(model: VisionLanguageModel, folder: str | Path, image: Image.
     bos = processor.tokenizer.bos_token
     add_special = not (bos is not None and text.startswith(bos))
     inputs = processor(text=text, images=[image], add_special_tokens=add_special, return_tensors="pt")
-    ids = torch.tensor([prompt_ids(model, question)])
+    ids = torch.tensor([prompt_ids(model, question, image=image)])
     pixels = model.vision.preprocess([image])
-    if not torch.equal(inputs["input_ids"], ids) or not torch.equal(inputs["pixel_values"], pixels):
+    # LlavaNext batches (images, views, 3, S, S); lmmkit's AnyRes one flat (views, 3, S, S) batch.
+    theirs_pixels = inputs["pixel_values"][0] if model.variable_tokens else inputs["pixel_values"]
+    if not torch.equal(inputs["input_ids"], ids) or not torch.equal(theirs_pixels, pixels):
         raise ExportError(f"{folder}: the exported processor builds other input ids or pixels than lmmkit")
-    ours = model(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=pixels).logits
+    sizes = {"image_sizes": [(image.height, image.width)]} if model.variable_tokens else {}
+    ours = model(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=pixels, **sizes).logits
     theirs = hf(**inputs).logits
     return (ours.float() - theirs.float()).abs().max().item()
 
 
 __all__ = ["FORMATS", "LIST_TO_STRING_PREFIX", "ExportError", "compare_logits", "export_hf", "export_llava",
-           "llava_mapping", "publish", "write_weights"]
+           "llava_mapping", "parts_mapping", "parts_state_dict", "publish", "write_weights"]

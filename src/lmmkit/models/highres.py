@@ -83,6 +83,35 @@ def validate_pinpoints(grid_pinpoints: Sequence[Sequence[int]], encoder_size: in
     return out
 
 
+def parse_pinpoints(text: str) -> list[Size]:
+    """"336x672,672x336" (each HxW, comma-separated; spaces allowed) -> [(336, 672), (672, 336)].
+
+    The config's string form: one line in YAML and on the command line. Raises ValueError naming the
+    entry that is not HxW with positive integers. Multiples of the encoder size are checked later
+    (`validate_pinpoints`), when the tower, and so its size, is known.
+    """
+    if not isinstance(text, str) or not text.strip():
+        raise ValueError(f"grid pinpoints must be a string like '336x672,672x336' (HxW), got {text!r}")
+    out: list[Size] = []
+    for index, item in enumerate(text.split(",")):
+        parts = item.strip().lower().split("x")
+        if len(parts) != 2 or not all(p.strip().isdigit() and int(p) > 0 for p in parts):
+            raise ValueError(f"pinpoint {index + 1} {item.strip()!r} is not HEIGHTxWIDTH with positive "
+                             "integers (e.g. 336x672)")
+        out.append((int(parts[0]), int(parts[1])))
+    return out
+
+
+def format_pinpoints(points: Sequence[Sequence[int]]) -> str:
+    """The inverse of `parse_pinpoints`."""
+    return ",".join(f"{h}x{w}" for h, w in points)
+
+
+def default_pinpoints(encoder_size: int) -> list[Size]:
+    """LLaVA-1.6's grid in units of the encoder size: 1x2, 2x1, 2x2, 3x1, 1x3 tiles (336 -> the v1.6 list)."""
+    return [(encoder_size * rows, encoder_size * cols) for rows, cols in ((1, 2), (2, 1), (2, 2), (3, 1), (1, 3))]
+
+
 def _patches_per_side(encoder_size: int, patch_size: int) -> int:
     """Patch-grid side of one encoder view: floor, like a strided patch embedding (SigLIP 384/14 -> 27)."""
     _positive_int(encoder_size, "encoder_size")

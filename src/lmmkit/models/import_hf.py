@@ -3,9 +3,10 @@
 The checkpoint folder holds the LLM (`llm/`, an AutoModelForCausalLM folder with the tokenizer) and the
 vision tower (`vision/`, with its image processor) as HF subfolders, `bridge.safetensors` (the
 multi_modal_projector as lmmkit's 2-layer MLP bridge) and `lmmkit_config.json` naming the two subfolders
-by absolute path, so `load_model` rebuilds exactly the HF model. LlavaNext has no exact lmmkit equivalent
-(no AnyRes); with `base_resolution_only` it is imported as the Llava inside it: one base-resolution view,
-no high-resolution tiles, image_newline dropped (answers then differ from the HF model's).
+by absolute path, so `load_model` rebuilds exactly the HF model. LlavaNext becomes an lmmkit AnyRes model
+(`model.anyres`, its grid pinpoints; the bridge holds the projector and `image_newline`), again with the HF
+model's logits. With `base_resolution_only` it is imported as the Llava inside it instead: one
+base-resolution view, no high-resolution tiles, image_newline dropped (answers then differ from the HF model's).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import json
 import shutil
 from pathlib import Path
 
-from safetensors.torch import save_model
+from safetensors.torch import save_file, save_model
 from transformers import (
     AutoConfig,
     AutoModelForImageTextToText,
@@ -30,6 +31,7 @@ from lmmkit import IMAGE_TOKEN
 from lmmkit.config import Config, ModelSpec, config_to_dict
 from lmmkit.models.bridges import MLPBridge
 from lmmkit.models.export_hf import HF_VISION_TYPES, LIST_TO_STRING_PREFIX, publish, write_weights
+from lmmkit.models.highres import format_pinpoints
 from lmmkit.train.checkpoint import CONFIG_FILE, STATE_FILE
 
 # Prepended to an HF processor's (list-content) chat template, so lmmkit's string prompts
@@ -60,12 +62,6 @@ class HFImportError(ValueError):
 def check_importable(config: PretrainedConfig, base_resolution_only: bool = False) -> None:
     """Raise HFImportError naming every part of an HF Llava / LlavaNext config lmmkit cannot reproduce."""
     where = f"{config.model_type} folder"
-    if config.model_type == "llava_next" and not base_resolution_only:
-        raise HFImportError(
-            "cannot import llava_next exactly: lmmkit has no AnyRes (high-resolution grid tiles, "
-            "image_newline). Pass --base-resolution-only to import the Llava inside it (one base-resolution "
-            "view; answers will differ from the HF model's)."
-        )
     if config.model_type not in ("llava", "llava_next"):
         raise HFImportError(f"cannot import model_type {config.model_type!r}: "
                             "only llava and llava_next folders")
@@ -83,6 +79,11 @@ def check_importable(config: PretrainedConfig, base_resolution_only: bool = Fals
         problems.append(f"projector act {config.projector_hidden_act!r} / bias "
                         f"{config.multimodal_projector_bias} (lmmkit's bridge is Linear-GELU-Linear, exact "
                         "GELU, with biases)")
+    if config.model_type == "llava_next" and not base_resolution_only:
+        has_cls = vtype == "clip_vision_model"
+        if has_cls and config.vision_feature_select_strategy != "default":
+            problems.append("the 'full' strategy keeps CLIP's CLS token, so the tile features are not a patch grid "
+                            "(LlavaNext itself cannot pack them); pass --base-resolution-only")
     lm_class = MODEL_FOR_CAUSAL_LM_MAPPING.get(type(config.text_config), None)
     if lm_class is None or lm_class.base_model_prefix != "model":
         problems.append(f"text model {config.text_config.model_type!r} "
@@ -123,12 +124,34 @@ def _image_processor(processor, model_type: str):
     side = ip.crop_size["height"]
     return CLIPImageProcessorPil(size={"height": side, "width": side}, do_center_crop=False,
                                  resample=ip.resample, image_mean=ip.image_mean, image_std=ip.image_std,
-                                 rescale_factor=ip.rescale_factor)
+                                 rescale_factor=ip.rescale_factor, do_rescale=ip.do_rescale,
+                                 do_normalize=ip.do_normalize)
+
+
+def _check_next_processor(ip, config: PretrainedConfig) -> None:
+    """LlavaNext settings lmmkit's AnyRes reproduces: square tiles of the tower's size and the model's pinpoints."""
+    side = config.vision_config.image_size
+    size = ip.size.get("shortest_edge") or (ip.size["height"] if ip.size.get("height") == ip.size.get("width")
+                                            else None)
+    crop = ip.crop_size["height"] if ip.crop_size and ip.crop_size.get("height") == ip.crop_size.get("width") else size
+    problems = []
+    if size != side or crop != side:
+        problems.append(f"the image processor resizes to {ip.size} and crops to {ip.crop_size}, but the tiles and "
+                        f"the base view must be the tower's {side}x{side}")
+    if [list(p) for p in ip.image_grid_pinpoints] != [list(p) for p in config.image_grid_pinpoints]:
+        problems.append(f"the image processor's grid pinpoints {ip.image_grid_pinpoints} differ from the model "
+                        f"config's {config.image_grid_pinpoints}")
+    if not getattr(ip, "do_pad", True):
+        problems.append("do_pad is false (lmmkit's tiles are always padded to the pinpoint)")
+    if problems:
+        raise HFImportError("cannot import this llava_next folder as an lmmkit AnyRes model: " + "; ".join(problems)
+                            + "; or pass --base-resolution-only")
 
 
 def import_hf(folder: str | Path, out: str | Path, base_resolution_only: bool = False,
               overwrite: bool = False) -> Path:
-    """`lmmkit import`: an HF Llava (or, lossily, LlavaNext) folder -> an lmmkit checkpoint at `out`."""
+    """`lmmkit import`: an HF Llava or LlavaNext (AnyRes; lossily one view with base_resolution_only) folder ->
+    an lmmkit checkpoint at `out`."""
     folder, out = Path(folder), Path(out).resolve()
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise FileExistsError(f"{out} exists and is not empty; pass overwrite=True (--overwrite) "
@@ -142,6 +165,9 @@ def import_hf(folder: str | Path, out: str | Path, base_resolution_only: bool = 
         raise HFImportError(f"the image token is {image_token!r} (id {config.image_token_index}); "
                             f"lmmkit needs {IMAGE_TOKEN!r} with the id the model config names")
     tokenizer.chat_template = lmmkit_chat_template(processor)
+    anyres = config.model_type == "llava_next" and not base_resolution_only
+    if anyres:
+        _check_next_processor(processor.image_processor, config)
     hf = AutoModelForImageTextToText.from_pretrained(folder).eval()
 
     tmp = out.with_name(f".{out.name}.tmp")
@@ -169,12 +195,19 @@ def import_hf(folder: str | Path, out: str | Path, base_resolution_only: bool = 
     bridge.to(proj.linear_1.weight.dtype)
     bridge.net[0].load_state_dict(proj.linear_1.state_dict())
     bridge.net[2].load_state_dict(proj.linear_2.state_dict())
-    save_model(bridge, str(tmp / "bridge.safetensors"))
+    if anyres:  # AnyResBridge's layout: the projector under "inner", the newline beside it
+        state = {f"inner.{k}": v.contiguous() for k, v in bridge.state_dict().items()}
+        state["image_newline"] = hf.model.image_newline.detach().contiguous()
+        save_file(state, str(tmp / "bridge.safetensors"), metadata={"format": "pt"})
+    else:
+        save_model(bridge, str(tmp / "bridge.safetensors"))
 
     # Absolute paths: load_model resolves model.llm / model.vision against the working directory.
     spec = ModelSpec(llm=str(out / "llm"), vision=str(out / "vision"),
                      vision_select_layer=config.vision_feature_layer,
-                     vision_drop_cls=config.vision_feature_select_strategy == "default", bridge_layers=2)
+                     vision_drop_cls=config.vision_feature_select_strategy == "default", bridge_layers=2,
+                     anyres=anyres,
+                     anyres_grid_pinpoints=format_pinpoints(config.image_grid_pinpoints) if anyres else None)
     (tmp / CONFIG_FILE).write_text(json.dumps(config_to_dict(Config(model=spec)), indent=2))
     trainer_state = {"step": 0, "parts": ["bridge"], "imported_from": str(folder.resolve()),
                      "imported_type": config.model_type}

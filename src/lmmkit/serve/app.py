@@ -138,7 +138,8 @@ def create_app(model: VisionLanguageModel, model_name: str, api_key: str | None 
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
         job = Job(req.prompt_ids, lambda ev: loop.call_soon_threadsafe(events.put_nowait, ev), req.max_tokens,
-                  req.temperature, req.top_p, req.stop, req.seed, req.image_sha, req.image, req.image_bytes)
+                  req.temperature, req.top_p, req.stop, req.seed, req.image_sha, req.image, req.image_bytes,
+                  image_size=req.image_size)
         batcher.submit(job)
         reply = Reply(f"chatcmpl-{secrets.token_hex(12)}", int(time.time()), model_name, len(req.prompt_ids))
         if req.stream:

@@ -47,6 +47,7 @@ class Job:
     image: Image.Image | None = None
     image_bytes: bytes | None = None
     cancelled: threading.Event = field(default_factory=threading.Event)
+    image_size: tuple[int, int] | None = None  # (height, width): AnyRes packs the image's features by it
 
 
 class FeatureLRU:
@@ -171,7 +172,8 @@ class Batcher:
             model = self.model
             pixels = model.vision.preprocess(list(todo.values())).to(_device(model))
             feats = model.vision_features(pixels).to(torch.bfloat16)  # as lmmkit's FeatureCache stores them
-            for key, f in zip(todo, feats, strict=True):
+            # One entry per image: (N, D), or an AnyRes image's (views, N, D) block of the flat batch of views.
+            for key, f in zip(todo, model.split_features(feats, model.image_sizes(list(todo.values()))), strict=True):
                 found[key] = f.clone()
                 self.features.put(key, found[key])
             self.images_encoded += len(todo)
@@ -187,9 +189,13 @@ class Batcher:
             self.batch_sizes[len(jobs)] += 1
             batch = pad_batch([(j.prompt_ids, j.prompt_ids) for j in jobs], model.tokenizer.pad_token_id,
                               side="left")
-            with_image = [feats[j.image_sha] for j in jobs if j.image_sha is not None]
-            image_embeds = model.encode_images(vision_features=torch.stack(with_image).to(device)) \
-                if with_image else None
+            with_image = [j for j in jobs if j.image_sha is not None]
+            image_embeds = None
+            if with_image:
+                sizes = [j.image_size for j in with_image] if model.variable_tokens else None
+                image_embeds = model.encode_images(
+                    vision_features=model.join_features([feats[j.image_sha] for j in with_image]).to(device),
+                    image_sizes=sizes)
             settings = [RowSettings(j.max_tokens, j.temperature, j.top_p, _generator(j.seed, device)) for j in jobs]
             streams = [TextStream(model.tokenizer, j.stop) for j in jobs]
             finished = [False] * len(jobs)

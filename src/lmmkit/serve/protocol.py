@@ -40,6 +40,7 @@ class ChatRequest:
     image_sha: str | None = None
     image: Image.Image | None = None  # None when the features are cached already
     image_bytes: bytes | None = None
+    image_size: tuple[int, int] | None = None  # (height, width); set when the model packs by size (AnyRes)
 
 
 def bad(message: str, param: str | None = None, code: str | None = None, status: int = 400) -> APIError:
@@ -100,23 +101,35 @@ def parse_chat_request(body: object, model: VisionLanguageModel, model_name: str
         ids = encode_prompt(model.tokenizer, messages)
     except Exception as err:  # a template may raise on role orders it does not support
         raise bad(f"the model's chat template cannot render this conversation: {err}", "messages") from None
-    ids, _ = expand_image_tokens(ids, ids, model.image_token_id, model.tokens_per_image)
-    if ids.count(model.image_token_id) != len(urls) * model.tokens_per_image:
+    if ids.count(model.image_token_id) != len(urls):
         raise bad("the conversation's text produced image placeholder tokens of its own; remove them", "messages")
+    fetched = None
+    if urls and model.variable_tokens:  # the image's size sets its token count: fetch and decode it first
+        fetched = _fetch(urls[0], limits, is_cached, decode=True)
+    counts = model.image_token_counts([fetched[2]]) if fetched else [model.tokens_per_image] * len(urls)
+    ids, _ = expand_image_tokens(ids, ids, model.image_token_id, counts)
     room = ctx - len(ids)
-    image_note = f" (including {model.tokens_per_image} for the image)" if urls else ""
+    image_note = f" (including {sum(counts)} for the image)" if urls else ""
     if room < 1 or (max_tokens is not None and max_tokens > room):
         raise bad(f"this model's context is {ctx} tokens; the prompt takes {len(ids)}{image_note} and "
                   f"{key} asks for {max_tokens or 1} more", "messages", "context_length_exceeded")
     req = ChatRequest(ids, max_tokens or min(limits.default_max_tokens, limits.max_tokens, room), temperature,
                       top_p, stop, seed, stream, include_usage)
-    if urls:  # last: fetching and decoding are the expensive steps
-        url, param = urls[0]
-        req.image_bytes = image_bytes(url, limits, param)
-        req.image_sha = hashlib.sha256(req.image_bytes).hexdigest()
-        if not is_cached(req.image_sha):
-            req.image = open_image(req.image_bytes, limits.max_image_pixels, param)
+    if urls:  # last for fixed-count models: fetching and decoding are the expensive steps
+        req.image_bytes, req.image_sha, req.image = fetched or _fetch(urls[0], limits, is_cached)
+        if fetched:
+            req.image_size = (req.image.height, req.image.width)
     return req
+
+
+def _fetch(url_param: tuple[str, str], limits: ServeLimits, is_cached: Callable[[str], bool],
+           decode: bool = False) -> tuple[bytes, str, Image.Image | None]:
+    """The image's bytes, sha256, and the decoded image (None when its features are cached, unless `decode`)."""
+    url, param = url_param
+    data = image_bytes(url, limits, param)
+    sha = hashlib.sha256(data).hexdigest()
+    image = open_image(data, limits.max_image_pixels, param) if decode or not is_cached(sha) else None
+    return data, sha, image
 
 
 def parse_messages(raw: object, limits: ServeLimits) -> tuple[list[Message], list[tuple[str, str]]]:

@@ -137,9 +137,12 @@ def make_pair_batch(model: VisionLanguageModel, pairs: list[EncodedPair], cache:
     images = [im for p in pairs for im in p.images]
     if images:
         if cache is not None:
-            feats = cache.stack(images)
+            cached = cache.inputs(model, images)
+            feats, sizes = cached["vision_features"], cached.get("image_sizes")
         else:
-            pixels = model.vision.preprocess([open_image(im, p.where) for p in pairs for im in p.images])
+            opened = [open_image(im, p.where) for p in pairs for im in p.images]
+            sizes = [(im.height, im.width) for im in opened] if model.variable_tokens else None
+            pixels = model.vision.preprocess(opened)
             if not tower_frozen:
                 batch["pixel_values"] = torch.cat([pixels, pixels])
                 feats = None
@@ -147,7 +150,10 @@ def make_pair_batch(model: VisionLanguageModel, pairs: list[EncodedPair], cache:
                 with torch.no_grad():
                     feats = model.vision_features(pixels)
         if feats is not None:
+            # Images (and AnyRes views) are batched along the first axis, so the rejected half repeats it.
             batch["vision_features"] = torch.cat([feats, feats])
+        if sizes is not None:
+            batch["image_sizes"] = sizes + sizes
     batch["sample_ids"] = [p.chosen.id for p in pairs] + [p.rejected.id for p in pairs]
     return batch
 

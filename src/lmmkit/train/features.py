@@ -23,10 +23,16 @@ def open_image(image, where: str = "") -> Image.Image:
 
 
 class FeatureCache:
-    """Tower features (bf16, on CPU) keyed by image path. Valid only while the tower is frozen."""
+    """Tower features (bf16, on CPU) keyed by image path. Valid only while the tower is frozen.
+
+    One entry per image, of whatever shape the tower gives that image: (N, D) for a fixed-count
+    tower, (views, N, D) for AnyRes, whose view count depends on the image size. The size is kept
+    too (AnyRes packs by it), so batches never reopen the files.
+    """
 
     def __init__(self) -> None:
         self.features: dict[str, torch.Tensor] = {}
+        self.sizes: dict[str, tuple[int, int]] = {}
 
     def __len__(self) -> int:
         return len(self.features)
@@ -40,10 +46,31 @@ class FeatureCache:
         with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
             for i in tqdm(range(0, len(todo), batch_size), desc=desc, unit="batch", disable=len(todo) <= batch_size):
                 keys = todo[i:i + batch_size]
-                pixels = model.vision.preprocess([open_image(by_key[k]) for k in keys])
+                opened = [open_image(by_key[k]) for k in keys]
+                sizes = model.image_sizes(opened)
+                pixels = model.vision.preprocess(opened)
                 feats = model.vision_features(pixels).to(torch.bfloat16)
-                for k, f in zip(keys, feats, strict=True):
+                for k, f, im in zip(keys, model.split_features(feats, sizes), opened, strict=True):
                     self.features[k] = f.clone()
+                    self.sizes[k] = (im.height, im.width)
 
     def stack(self, images: Sequence) -> torch.Tensor:
+        """Same-shape entries as one (n_images, ...) batch: the fixed-count fast path."""
         return torch.stack([self.features[image_key(im)] for im in images])
+
+    def cat(self, images: Sequence) -> torch.Tensor:
+        """Entries of any first-axis length joined along it: AnyRes views of several sizes in one batch."""
+        return torch.cat([self.features[image_key(im)] for im in images])
+
+    def image_sizes(self, images: Sequence) -> list[tuple[int, int]]:
+        return [self.sizes[image_key(im)] for im in images]
+
+    def inputs(self, model: VisionLanguageModel, images: Sequence) -> dict:
+        """The model's image keyword arguments for these cached images: vision_features, plus image_sizes
+        when the model packs by size (AnyRes)."""
+        per_image = [self.features[image_key(im)] for im in images]
+        out: dict = {"vision_features": model.join_features(per_image)}
+        if model.variable_tokens:
+            out["image_sizes"] = self.image_sizes(images)
+        return out
+

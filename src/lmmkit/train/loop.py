@@ -86,10 +86,12 @@ def make_batch(model: VisionLanguageModel, samples: list[EncodedSample], cache: 
     images = [im for s in samples for im in s.images]
     if images:
         if cache is not None:
-            batch["vision_features"] = cache.stack(images)
+            batch.update(cache.inputs(model, images))
         else:
-            batch["pixel_values"] = model.vision.preprocess([open_image(im, s.where) for s in samples
-                                                             for im in s.images])
+            opened = [open_image(im, s.where) for s in samples for im in s.images]
+            batch["pixel_values"] = model.vision.preprocess(opened)
+            if model.variable_tokens:  # AnyRes packs each image by its size
+                batch["image_sizes"] = [(im.height, im.width) for im in opened]
     batch["sample_ids"] = [s.id for s in samples]
     return batch
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from lmmkit.config import Config, config_to_dict
 from lmmkit.data.check import BadRecordCounter
-from lmmkit.data.dataset import EncodedSample, encode_records
+from lmmkit.data.dataset import EncodedSample, ImageTokens, encode_records
 from lmmkit.data.formats.llava import read_llava
 from lmmkit.data.formats.preference import read_preferences
 from lmmkit.data.preference import EncodedPair, encode_preferences
@@ -24,12 +24,17 @@ class ModelBuildError(ValueError):
     """The config's model cannot be built from the parts it names (e.g. fused towers with different grids)."""
 
 
+def image_tokens(model: VisionLanguageModel) -> ImageTokens:
+    """The model's one count per image, or (AnyRes) its per-image counting function."""
+    return model.image_token_counts if model.tokens_per_image is None else model.tokens_per_image
+
+
 def load_samples(model: VisionLanguageModel, path: str | Path, image_folder: str | Path | None, max_length: int,
                  policy: str = "skip") -> tuple[list[EncodedSample], BadRecordCounter]:
     """Read a LLaVA JSON / JSONL file and encode it; bad records are counted (or raise, under 'stop')."""
     counter = BadRecordCounter()
     records = read_llava(Path(path), Path(image_folder) if image_folder else None, policy=policy, counter=counter)
-    samples = encode_records(records, model.tokenizer, model.image_token_id, model.tokens_per_image, max_length,
+    samples = encode_records(records, model.tokenizer, model.image_token_id, image_tokens(model), max_length,
                              counter, policy)
     return samples, counter
 
@@ -41,7 +46,7 @@ def load_preference_pairs(model: VisionLanguageModel, path: str | Path, image_fo
     counter = BadRecordCounter()
     records = read_preferences(Path(path), Path(image_folder) if image_folder else None, fmt=fmt, policy=policy,
                                counter=counter)
-    pairs = encode_preferences(records, model.tokenizer, model.image_token_id, model.tokens_per_image, max_length,
+    pairs = encode_preferences(records, model.tokenizer, model.image_token_id, image_tokens(model), max_length,
                                counter, policy)
     return pairs, counter
 

@@ -82,10 +82,12 @@ class LmmkitBackend:
                     rows = [i for i in chunk if bool(requests[i].images) == with_image]
                     if not rows:
                         continue
-                    ids = [prompt_ids(model, requests[i].prompt, with_image=with_image) for i in rows]
+                    images = [requests[i].images[0] for i in rows] if with_image else []
+                    ids = [prompt_ids(model, requests[i].prompt, with_image=with_image,
+                                      image=images[k] if with_image else None) for k, i in enumerate(rows)]
                     batch = pad_batch([(x, x) for x in ids], model.tokenizer.pad_token_id, side="left")
-                    feats = self.features.stack([requests[i].images[0] for i in rows]) if with_image else None
-                    new = model.generate(batch["input_ids"], batch["attention_mask"], vision_features=feats,
+                    inputs = self.features.inputs(model, images) if with_image else {}
+                    new = model.generate(batch["input_ids"], batch["attention_mask"], **inputs,
                                          max_new_tokens=settings.max_new_tokens, temperature=settings.temperature)
                     for i, t in zip(rows, new, strict=True):
                         out[i] = model.tokenizer.decode(t, skip_special_tokens=True).strip()
