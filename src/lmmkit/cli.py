@@ -51,6 +51,8 @@ def _data(args: argparse.Namespace) -> int:
         n = write_shapes_preferences(Path(args.data), out, seed=args.seed, limit=args.n)
         print(f"{n} preference pairs written to {out} (images relative to {Path(args.data) / 'images'})")
         return 0
+    if args.data_command == "self-prefs":
+        return _self_prefs(args)
     from lmmkit.data.check import check_file, format_report
     from lmmkit.data.schema import DataError
 
@@ -62,6 +64,26 @@ def _data(args: argparse.Namespace) -> int:
         return 2
     print(format_report(report))
     return 0 if report.n_bad == 0 else 1
+
+
+def _self_prefs(args: argparse.Namespace) -> int:
+    from lmmkit.analysis.self_pairs import self_generated_pairs
+    from lmmkit.data.formats.preference import write_preferences
+    from lmmkit.data.shapes.generate import load_scenes
+    from lmmkit.data.shapes.world import CLASSES
+    from lmmkit.eval.chair import ObjectVocabulary
+    from lmmkit.train.checkpoint import load_model
+
+    data = Path(args.data)
+    scenes = load_scenes(data / "train" / "scenes.jsonl")[:args.n]
+    model = load_model(args.model)
+    pairs = self_generated_pairs(model, [data / "images" / s.extra["image"] for s in scenes], [s.names for s in scenes],
+                                 ObjectVocabulary({c: [c] for c in CLASSES}), samples=args.samples,
+                                 temperature=args.temperature, seed=args.seed, ids=[f"{s.id}-self" for s in scenes])
+    out = Path(args.out) if args.out else data / "train" / "self_preferences.json"
+    n = write_preferences(pairs, out, data / "images")
+    print(f"{n} self-generated pairs from {len(scenes)} images ({len(scenes) - n} had samples that all tied) -> {out}")
+    return 0
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -103,6 +125,10 @@ def _eval(args: argparse.Namespace) -> int:
         tasks = get_tasks(args.tasks)
         backend = load_backend(args.model, api_key_env=args.api_key_env)
         judge_backend = load_backend(args.judge, text_only=True, api_key_env=args.api_key_env) if args.judge else None
+        if args.self_revise:
+            from lmmkit.eval.backends.revise import SelfRevisingBackend
+
+            backend = SelfRevisingBackend(backend)
     except (ValueError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -123,6 +149,9 @@ def _eval(args: argparse.Namespace) -> int:
         print(f"error: {err}\n(answers and grades so far are cached in {cache.path}; re-run to resume)",
               file=sys.stderr)
         return 1
+    if args.self_revise:
+        results["self_revision"] = dict(backend.stats)  # answers, doubted by the model, switched to the revision
+        print(f"self-revision: {dict(backend.stats)} (this run's model calls; cached answers are not recounted)")
     print(format_results(results))
     for task, res in results["tasks"].items():
         for msg in (res.get("load_errors") or [])[:3] + (res.get("failures") or [])[:3]:
@@ -200,6 +229,15 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--out", help="default: <data>/train/preferences.json")
     q.add_argument("--seed", type=int, default=0)
     q.add_argument("--n", type=int, help="at most this many pairs (one per training image)")
+    q = dsub.add_parser("self-prefs", help="sample a model's own captions of the training images and rank them "
+                                           "against the scene truth: best = chosen, worst = rejected (stage dpo)")
+    q.add_argument("--data", required=True, help="a folder written by `lmmkit data shapes`")
+    q.add_argument("--model", required=True, help="an lmmkit checkpoint (or run folder)")
+    q.add_argument("--out", help="default: <data>/train/self_preferences.json")
+    q.add_argument("--n", type=int, default=2000, help="at most this many training images")
+    q.add_argument("--samples", type=int, default=4, help="captions sampled per image")
+    q.add_argument("--temperature", type=float, default=1.0)
+    q.add_argument("--seed", type=int, default=0)
     q = dsub.add_parser("check", help="check a LLaVA JSON / JSONL file and its images without training")
     q.add_argument("file")
     q.add_argument("--image-folder")
@@ -226,6 +264,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache", help="response cache file (default <out>/responses.sqlite)")
     p.add_argument("--blind", "--blind-control", dest="blind", action="store_true",
                    help="also score every task with each image blanked, and with no image at all")
+    p.add_argument("--self-revise", action="store_true",
+                   help="answer, ask the model to check its answer, revise where it doubts, let it choose (Volcano)")
     p.add_argument("--limit", type=int, default=None, help="at most this many items per task (per split/subtask)")
     p.add_argument("--strict-errors", action="store_true", help="stop at the first bad record or failed call")
     p.add_argument("--json", help="also write the results JSON here")
