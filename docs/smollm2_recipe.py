@@ -2,10 +2,9 @@
 
     .venv/bin/python docs/smollm2_recipe.py --out runs/smollm2     (docs/smollm2.md has the figures)
 
-Drives lmmkit's own functions (generate_shapes, build_vlm, run_stage, the eval harness). Until
-the LoRA switch is wired into the stages (train.lora_rank; see docs/smollm2.md), the SFT stage
-runs with `lmmkit.train.loop.apply_stage` replaced by a version that trains only the adapters
-(and the bridge); the final checkpoint is re-saved with the adapters merged, so it loads with
+Drives lmmkit's own functions (generate_shapes, build_vlm, run_stage, the eval harness). For the SFT
+stage the LLM gets LoRA adapters; the stage then trains only them and the bridge (as `lmmkit train`
+does with `train.lora_rank > 0`), and the checkpoint holds the merged weights, so it loads with
 `lmmkit.train.checkpoint.load_model` like any other.
 """
 
@@ -18,7 +17,6 @@ from pathlib import Path
 
 import torch
 
-import lmmkit.train.loop as loop
 from lmmkit.config import config_from_dict, config_to_dict
 from lmmkit.data.schema import Message
 from lmmkit.data.shapes.bench import write_bench
@@ -33,23 +31,12 @@ from lmmkit.eval.shapes import pope_by_split
 from lmmkit.eval.tasks import get_tasks
 from lmmkit.models.build import build_vlm, describe
 from lmmkit.models.fetch import fetch_model
-from lmmkit.models.lora import add_lora, merged_view, restrict_to_lora
-from lmmkit.train.checkpoint import save_checkpoint
+from lmmkit.models.lora import add_lora
 from lmmkit.train.features import FeatureCache
+from lmmkit.train.loop import run_stage
 from lmmkit.train.run import load_samples
-from lmmkit.train.stages import apply_stage
 
 QUESTION = "What is the capital of France?"
-
-
-def lora_apply_stage(model, stage: str, train_vision_tower: bool = False, verbose: bool = True) -> dict[str, int]:
-    """apply_stage, then the LLM trains through its adapters only (what `train.lora_rank > 0` will do)."""
-    counts = apply_stage(model, stage, train_vision_tower, verbose=False)
-    if counts["llm"]:
-        counts["llm"] = restrict_to_lora(model.llm)
-    if verbose:
-        print(f"stage {stage} (LoRA): trainable {counts}")
-    return counts
 
 
 def text_answer(model, question: str = QUESTION, max_new_tokens: int = 24) -> str:
@@ -120,9 +107,9 @@ def main() -> None:
                       "output_dir": str(a.out / stage), "init_from": init_from}}, source="smollm2 recipe"))
 
     stages = []
-    r = loop.run_stage(model, captions, stage="align", output_dir=a.out / "align", batch_size=a.batch_size,
-                       config=cfg("align", "captions.json", a.align_steps, a.align_lr, None),
-                       lr=a.align_lr, max_steps=a.align_steps, cache=cache)
+    r = run_stage(model, captions, stage="align", output_dir=a.out / "align", batch_size=a.batch_size,
+                  config=cfg("align", "captions.json", a.align_steps, a.align_lr, None),
+                  lr=a.align_lr, max_steps=a.align_steps, cache=cache)
     stages.append(r)
     lap("align")
     results: dict = {"pope": {}}
@@ -130,14 +117,11 @@ def main() -> None:
         results["pope"]["after align only"] = pope(model, bench, "after align", False)["model"]
         lap("pope after align")
     adapted = add_lora(model.llm, rank=a.lora_rank, alpha=a.lora_alpha)
-    loop.apply_stage = lora_apply_stage  # until stages.py has the LoRA switch
     sft_cfg = cfg("sft", "conversations.json", a.sft_steps, a.sft_lr, str(r.checkpoint))
-    r = loop.run_stage(model, convs, stage="sft", output_dir=a.out / "sft", batch_size=a.batch_size,
-                       config=sft_cfg, lr=a.sft_lr, max_steps=a.sft_steps, cache=cache)
+    sft_cfg["train"].update(lora_rank=a.lora_rank, lora_alpha=a.lora_alpha)
+    r = run_stage(model, convs, stage="sft", output_dir=a.out / "sft", batch_size=a.batch_size,
+                  config=sft_cfg, lr=a.sft_lr, max_steps=a.sft_steps, cache=cache)
     stages.append(r)
-    with merged_view(model.llm):  # plain weights: the checkpoint loads without LoRA
-        save_checkpoint(r.checkpoint, model, ("bridge", "llm"), sft_cfg,
-                        {"stage": "sft", "step": r.steps, "total_steps": r.steps, "lora": len(adapted)})
     lap("lora sft")
     model.eval()
     final = pope(model, bench, "after lora sft", True)
