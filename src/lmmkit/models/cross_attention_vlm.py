@@ -12,12 +12,12 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 import torch
-from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from lmmkit.models.bridges.cross_attention import GatedCrossAttentionBridge, decoder_layers
 from lmmkit.models.vision import VisionTower
-from lmmkit.models.vlm import ImageTokenMismatchError, VisionLanguageModel, _pick
+from lmmkit.models.vlm import ImageTokenMismatchError, VisionLanguageModel, decode
 
 
 class CrossAttentionVLM(VisionLanguageModel):
@@ -113,33 +113,9 @@ class CrossAttentionVLM(VisionLanguageModel):
                 after_prefill: Callable[[], None] | None,
                 max_new_tokens: int, temperature: float, top_p: float,
                 generator: torch.Generator | None) -> list[list[int]]:
-        eos = self.tokenizer.eos_token_id
-        mask = attention_mask.clone()
-        position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
-        cache = DynamicCache()
-        out = self.llm(input_ids=input_ids, attention_mask=mask, position_ids=position_ids, cache=cache,
-                       use_cache=True)
-        if after_prefill is not None:
-            after_prefill()  # the cached prompt already holds the cross-attended states
-        batch = input_ids.shape[0]
-        done = torch.zeros(batch, dtype=torch.bool)
-        new_tokens: list[list[int]] = [[] for _ in range(batch)]
-        next_pos = position_ids[:, -1:] + 1
-        for step in range(max_new_tokens):
-            token = _pick(out.logits[:, -1].float(), temperature, top_p, generator)
-            for i in range(batch):
-                if not done[i]:
-                    if token[i].item() == eos:
-                        done[i] = True
-                    else:
-                        new_tokens[i].append(token[i].item())
-            if bool(done.all()) or step == max_new_tokens - 1:
-                break
-            mask = torch.cat([mask, torch.ones(batch, 1, dtype=mask.dtype, device=mask.device)], dim=1)
-            out = self.llm(input_ids=token.unsqueeze(1), attention_mask=mask, position_ids=next_pos,
-                           cache=cache, use_cache=True)
-            next_pos = next_pos + 1
-        return new_tokens
+        # The text keeps its <image> markers as tokens: the LLM embeds them itself; images arrive via the hooks.
+        return decode(self.llm, {"input_ids": input_ids}, attention_mask, self.tokenizer.eos_token_id,
+                      max_new_tokens, temperature, top_p, generator, after_prefill)
 
 
 def _mismatch_message(per_row: list[int], n_images: int, sample_ids: Sequence[str] | None) -> str:

@@ -12,7 +12,7 @@ that bridges features passes the images' (height, width) as `image_sizes`, as HF
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
@@ -161,33 +161,8 @@ class VisionLanguageModel(nn.Module):
         """
         if image_embeds is None and (pixel_values is not None or vision_features is not None):
             image_embeds = self.encode_images(pixel_values, vision_features, image_sizes)
-        eos = self.tokenizer.eos_token_id
-        embeds = self.embed(input_ids, image_embeds)
-        mask = attention_mask.clone()
-        position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
-        cache = DynamicCache()
-        out = self.llm(inputs_embeds=embeds, attention_mask=mask, position_ids=position_ids,
-                       cache=cache, use_cache=True)
-        batch = input_ids.shape[0]
-        done = torch.zeros(batch, dtype=torch.bool)
-        new_tokens: list[list[int]] = [[] for _ in range(batch)]
-        next_pos = position_ids[:, -1:] + 1
-        for step in range(max_new_tokens):
-            logits = out.logits[:, -1].float()
-            token = _pick(logits, temperature, top_p, generator)
-            for i in range(batch):
-                if not done[i]:
-                    if token[i].item() == eos:
-                        done[i] = True
-                    else:
-                        new_tokens[i].append(token[i].item())
-            if bool(done.all()) or step == max_new_tokens - 1:
-                break
-            mask = torch.cat([mask, torch.ones(batch, 1, dtype=mask.dtype)], dim=1)
-            out = self.llm(input_ids=token.unsqueeze(1), attention_mask=mask, position_ids=next_pos,
-                           cache=cache, use_cache=True)
-            next_pos = next_pos + 1
-        return new_tokens
+        return decode(self.llm, {"inputs_embeds": self.embed(input_ids, image_embeds)}, attention_mask,
+                      self.tokenizer.eos_token_id, max_new_tokens, temperature, top_p, generator)
 
 
 def _need_sizes(image_sizes: Sequence[Size] | torch.Tensor | None) -> list[Size]:
@@ -230,6 +205,41 @@ def _first_misfit(per_row: list[int], per_image: list[int], name: list[str]) -> 
             given = ", ".join(map(str, per_image[start:k])) or "none left"
             return f"First sample that does not fit: {name[i]} ({slots} placeholders; its images give {given}). "
     return f"{len(per_image) - k} image(s) have no placeholders left. " if k < len(per_image) else ""
+
+
+def decode(llm: PreTrainedModel, prompt: dict[str, torch.Tensor], attention_mask: torch.Tensor, eos: int,
+           max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
+           generator: torch.Generator | None = None,
+           after_prefill: Callable[[], None] | None = None) -> list[list[int]]:
+    """The KV-cache decoding loop: prefill the left-padded prompt (`prompt` holds input_ids or
+    inputs_embeds), then one token per step until every row has produced `eos` or max_new_tokens.
+    `after_prefill` runs once between the two (the cross-attention model switches its media mask there).
+    Returns the new token ids per row, cut at (and excluding) eos."""
+    mask = attention_mask.clone()
+    position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
+    cache = DynamicCache()
+    out = llm(**prompt, attention_mask=mask, position_ids=position_ids, cache=cache, use_cache=True)
+    if after_prefill is not None:
+        after_prefill()
+    batch = mask.shape[0]
+    done = torch.zeros(batch, dtype=torch.bool)
+    new_tokens: list[list[int]] = [[] for _ in range(batch)]
+    next_pos = position_ids[:, -1:] + 1
+    for step in range(max_new_tokens):
+        token = _pick(out.logits[:, -1].float(), temperature, top_p, generator)
+        for i in range(batch):
+            if not done[i]:
+                if token[i].item() == eos:
+                    done[i] = True
+                else:
+                    new_tokens[i].append(token[i].item())
+        if bool(done.all()) or step == max_new_tokens - 1:
+            break
+        mask = torch.cat([mask, torch.ones(batch, 1, dtype=mask.dtype, device=mask.device)], dim=1)
+        out = llm(input_ids=token.unsqueeze(1), attention_mask=mask, position_ids=next_pos, cache=cache,
+                  use_cache=True)
+        next_pos = next_pos + 1
+    return new_tokens
 
 
 def _pick(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None) -> torch.Tensor:
