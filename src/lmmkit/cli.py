@@ -290,6 +290,12 @@ def build_parser() -> argparse.ArgumentParser:
     from lmmkit.models.tokens_cli import add_tokens_parser
 
     add_tokens_parser(sub)  # `lmmkit tokens IMAGE... --scheme anyres,gpt4v-high`: visual tokens per image
+    from lmmkit.ablate_cli import add_ablate_parser
+
+    add_ablate_parser(sub)  # `lmmkit ablate --bridges mlp,resampler,cross-attention,fuyu`: equal-budget comparison
+    from lmmkit.models.presets import add_preset_parser
+
+    add_preset_parser(sub)  # `lmmkit preset llava-1.5 --llm X --vision Y --out C`: a known model shape as a config
     from lmmkit.analysis.probe_cli import add_probe_parser
 
     add_probe_parser(sub)  # `lmmkit probe CKPT --image I --prompt P`; `lmmkit probe-study CKPT --data DIR`
