@@ -50,6 +50,9 @@ class ModelSpec:
     patch_size: int = field(default=8, metadata=_GT0)  # vision "patch": pixels per patch side
     patch_canvas_height: int = field(default=64, metadata=_GT0)  # vision "patch": images are fitted onto this canvas
     patch_canvas_width: int = field(default=64, metadata=_GT0)
+    # vision "patch": true = each image keeps the patches that cover it (Fuyu: a small image costs fewer tokens);
+    # false = every image fills the whole canvas grid (a fixed token count).
+    patch_native_size: bool = False
     # LLaVA-NeXT AnyRes (a CLIP / SigLIP tower, the mlp bridge): each image is seen as a base view plus the tiles
     # of the grid pinpoint that fits it best, so its visual tokens grow with its size (base + unpadded tile
     # features + one learned image_newline per feature row).

@@ -183,3 +183,42 @@ def test_vlm_trains_a_few_steps_and_answers_from_the_image(fuyu_vlm, tmp_path):
     assert len(out) == 2 and all(0 < len(row) <= 12 for row in out)
     # Same prompt, different image: the answers it was trained on can only come from the patches.
     assert [model.tokenizer.decode(row) for row in out] == ["The square is red.", "The circle is blue."]
+
+
+def test_native_sizes_keep_only_the_patches_that_cover_each_image():
+    """Fuyu's own counting: a small or narrow image costs fewer tokens than the canvas, a large one is fitted
+    first; the counts equal highres.fuyu_token_count, and the kept tokens are the covering patches."""
+    from lmmkit.models.highres import fuyu_token_count
+
+    tower = PatchEmbedTower(canvas=(32, 48), patch_size=8)
+    bridge = FuyuBridge(tower.hidden_size, 16, *tower.grid, patch_grid=tower.patch_grid)
+    sizes = [(32, 48), (10, 20), (8, 9), (64, 48), (100, 30)]  # (height, width)
+    for size in sizes:
+        assert bridge.token_count(size) == fuyu_token_count(size, 8, (32, 48))
+    images = [Image.new("RGB", (w, h), (255, 0, 0)) for h, w in sizes]
+    with torch.no_grad():
+        out = bridge(tower(tower.preprocess(images)), sizes)
+    assert [t.shape[0] for t in out] == [bridge.token_count(s) for s in sizes]
+    full = bridge(tower(tower.preprocess(images[:1])), sizes[:1])[0]
+    fixed = FuyuBridge(tower.hidden_size, 16, *tower.grid)
+    fixed.load_state_dict(bridge.state_dict())
+    assert torch.equal(full, fixed(tower(tower.preprocess(images[:1])))[0])  # a canvas-sized image: same tokens
+    rows, cols = tower.patch_grid((10, 20))  # 2 x 3 patches: each row ends with the row break
+    small = out[1].reshape(rows, cols + 1, -1)
+    assert torch.equal(small[:, cols], bridge.row_break.expand(rows, -1))
+    with pytest.raises(ValueError, match="pass image_sizes"):
+        bridge(tower(tower.preprocess(images[:2])))
+
+
+def test_native_size_fuyu_model_splices_per_image_counts(one_torch_thread):
+    from lmmkit.models.build import build_vlm
+
+    model = build_vlm(vision="patch", bridge="fuyu", patch_size=8, patch_native_size=True)
+    assert model.tokens_per_image is None and model.variable_tokens
+    images = [Image.new("RGB", (64, 64)), Image.new("RGB", (24, 16))]
+    assert model.image_token_counts(images) == [8 * 9, 2 * (3 + 1)]  # 24x16 (WxH): 2 rows of 3 patches
+    from lmmkit.eval.generation import answer_questions
+
+    answers = answer_questions(model, [(im, "What is in the image?") for im in images], max_new_tokens=3,
+                               progress=False)
+    assert len(answers) == 2

@@ -106,7 +106,7 @@ def build_vlm(llm: str = "shipped:lm", vision: str = "shipped:vision", vision_se
               bridge_queries: int = 32, bridge_depth: int = 2, bridge_heads: int = 4, bridge_width: int = 0,
               pixel_shuffle: int = 1, cross_attention_every: int = 1, vision_extra: str | None = None,
               patch_size: int = 8, patch_canvas_height: int = 64, patch_canvas_width: int = 64,
-              anyres: bool = False, anyres_grid_pinpoints: str | None = None, anyres_max: int = 0
+              patch_native_size: bool = False, anyres: bool = False, anyres_grid_pinpoints: str | None = None, anyres_max: int = 0
               ) -> VisionLanguageModel:
     """LLM + vision side + a freshly initialised bridge (seeded); the keyword arguments mirror ModelSpec.
 
@@ -129,8 +129,9 @@ def build_vlm(llm: str = "shipped:lm", vision: str = "shipped:vision", vision_se
         return CrossAttentionVLM(tower, llm_model, tokenizer, every=cross_attention_every, heads=bridge_heads)
     if bridge == "fuyu":
         torch.manual_seed(seed)
-        return VisionLanguageModel(tower, llm_model, tokenizer, bridge=FuyuBridge(tower.hidden_size, llm_dim,
-                                                                                  *tower.grid))
+        fuyu = FuyuBridge(tower.hidden_size, llm_dim, *tower.grid,
+                          patch_grid=tower.patch_grid if patch_native_size else None)
+        return VisionLanguageModel(tower, llm_model, tokenizer, bridge=fuyu)
     # Only bridges that depend on the token count pay for the tower's probe forward pass; it runs before
     # seeding, so the bridge's initial weights depend on `seed` alone (the MLP's are as they always were).
     plain_mlp = bridge == "mlp" and pixel_shuffle == 1
@@ -165,6 +166,7 @@ def _check_anyres_choices(bridge: str, pixel_shuffle: int, vision: str, vision_e
 # them, and the defaults (one HF tower, a plain MLP) are what those checkpoints were trained with.
 BRIDGE_KEYS = ("bridge", "bridge_queries", "bridge_depth", "bridge_heads", "bridge_width", "pixel_shuffle",
                "cross_attention_every", "vision_extra", "patch_size", "patch_canvas_height", "patch_canvas_width",
+               "patch_native_size",
                "anyres", "anyres_grid_pinpoints", "anyres_max")
 
 

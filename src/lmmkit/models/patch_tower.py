@@ -6,10 +6,10 @@ therefore has NO parameters; it only resizes, pads, normalises and patchifies, t
 processor does: downscale (never upscale) keeping the aspect ratio to fit the canvas, pad at the
 bottom and right, scale pixels to [-1, 1].
 
-Fixed canvas: every image becomes the same (rows x cols) patch grid, whatever its size. Fuyu itself
-gives a small image fewer patches, but lmmkit expands each `<image>` to one fixed number of placeholder
-tokens (`VisionLanguageModel.tokens_per_image`), so variable token counts per image are not supported
-yet; the padding of a small image is simply part of its patches.
+Two ways to count tokens (the bridge decides, `FuyuBridge(native=...)`): on the fixed canvas every
+image becomes the same (rows x cols) patch grid, padding included; with native sizes (Fuyu's own way)
+each image keeps only the patches that cover it after fitting, so a small image costs fewer tokens.
+The pixel tensor is canvas-sized either way, so batching and the feature cache are unchanged.
 """
 
 from __future__ import annotations
@@ -75,14 +75,31 @@ class PatchEmbedTower(nn.Module):
         rows, cols = self.grid
         return rows * cols
 
+    def fitted_size(self, image_size: tuple[int, int]) -> tuple[int, int]:
+        """(height, width) of an image of `image_size` (height, width) once fitted onto the canvas."""
+        height, width = self.canvas
+        h, w = image_size
+        if h <= height and w <= width:
+            return h, w
+        scale = min(height / h, width / w)
+        return max(1, int(h * scale)), max(1, int(w * scale))
+
+    def patch_grid(self, image_size: tuple[int, int]) -> tuple[int, int]:
+        """(rows, cols) of patches that cover an image of `image_size` (height, width) on the canvas."""
+        h, w = self.fitted_size(image_size)
+        p = self.patch_size
+        return -(-h // p), -(-w // p)
+
+    def views_per_image(self, image_sizes) -> list[int]:
+        """One canvas per image (the variable-count model's feature split)."""
+        return [1] * len(image_sizes)
+
     def fit(self, image: Image.Image) -> Image.Image:
         """The image downscaled to fit the canvas, aspect ratio kept (Fuyu's truncating rule); never upscaled."""
-        height, width = self.canvas
-        if image.height <= height and image.width <= width:
+        h, w = self.fitted_size((image.height, image.width))
+        if (h, w) == (image.height, image.width):
             return image
-        scale = min(height / image.height, width / image.width)
-        size = (max(1, int(image.width * scale)), max(1, int(image.height * scale)))
-        return image.resize(size, self.resample)
+        return image.resize((w, h), self.resample)
 
     def preprocess(self, images: list[Image.Image]) -> torch.Tensor:
         """(B, 3, H, W) float32 in [-1, 1]; each image at the top-left of a black canvas (padding = -1)."""

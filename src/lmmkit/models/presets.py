@@ -76,14 +76,15 @@ PRESETS: dict[str, Preset] = {
     "fuyu-style": Preset(
         "Fuyu-style: no vision encoder; raw patches projected into the LLM, a row-break token after each row",
         {"vision": "patch", "bridge": "fuyu", "patch_size": 30, "patch_canvas_height": 1080,
-         "patch_canvas_width": 1920},
+         "patch_canvas_width": 1920, "patch_native_size": True},
         vision="patch (no encoder; --vision is not used)", shipped_default=True,
-        notes=("Fuyu-8B: 30x30 patches on a canvas up to 1080x1920 (36 rows x 64 patches + 36 row breaks = 2,340 "
-               "tokens). On the shipped ShapesWorld LM the preset uses 8x8 patches of the 64x64 images "
-               "(72 tokens per image).",)),
+        notes=("Fuyu-8B: 30x30 patches, each image at its own size up to 1080x1920 (a full canvas: 36 rows x 64 "
+               "patches + 36 row breaks = 2,340 tokens; a smaller image costs fewer). On the shipped "
+               "ShapesWorld LM the preset uses 8x8 patches of the 64x64 images on a 64x64 canvas "
+               "(72 tokens per image, all images the same size, so patch_native_size is off).",)),
 }
 
-_SHAPES_PATCH = {"patch_size": 8, "patch_canvas_height": 64, "patch_canvas_width": 64}
+_SHAPES_PATCH = {"patch_size": 8, "patch_canvas_height": 64, "patch_canvas_width": 64, "patch_native_size": False}
 
 
 def _get(name: str) -> Preset:
