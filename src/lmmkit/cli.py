@@ -242,6 +242,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("file")
     q.add_argument("--image-folder")
     q.add_argument("--no-open-images", action="store_true", help="only check that image files exist")
+    from lmmkit.data.scale_cli import add_data_scale_parsers
+
+    add_data_scale_parsers(dsub)  # `lmmkit data inspect|convert|dedup SOURCE`: streaming sources (docs/data.md)
     p.set_defaults(func=_data)
 
     p = sub.add_parser("train", help="train one stage from a YAML config")
