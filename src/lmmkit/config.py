@@ -28,7 +28,7 @@ from typing import Any, Literal
 
 import yaml
 
-from lmmkit.spec_checks import model_problems
+from lmmkit.spec_checks import model_problems, packing_problems
 from lmmkit.specs import SHIPPED_LM, SHIPPED_VISION, Config, DataSpec, ModelSpec, TrainSpec
 
 __all__ = [
@@ -277,6 +277,8 @@ class _Raw:
                 self.error(self.origin(f"model.{key}"), f"model.{key}: {value!r} is not a shipped part; the shipped "
                            f"{what} is '{shipped}' (otherwise give an HF folder or hub id)")
         self._check_model(cfg.model, bad)
+        for key, message in packing_problems(cfg) if not {"train.packing", "train.stage", "model.llm"} & bad else ():
+            self.error(self.origin(key), message)
         t = cfg.train
         if {"train.stage", "train.train_vision_tower", "train.cache_vision_features"} & bad:
             return
@@ -302,7 +304,6 @@ class _Raw:
                 self.error(self.origin("train.cache_vision_features"),
                            "train.cache_vision_features: true needs a frozen vision tower (cached features go stale "
                            f"once the tower changes), but {why}; set train.cache_vision_features=false")
-
 
     def _check_model(self, m: ModelSpec, bad: set[str]) -> None:
         """Architecture choices that cannot go together, caught before anything is loaded (spec_checks)."""

@@ -7,10 +7,13 @@ grid) are checked when the model is built (`lmmkit.models.build`), with the same
 
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
 
 from lmmkit.models.highres import parse_pinpoints
-from lmmkit.specs import ModelSpec
+from lmmkit.models.parts import PARTS_DIR
+from lmmkit.specs import SHIPPED_LM, Config, ModelSpec
 
 Problem = tuple[str, str]
 MIN_TILE = 8  # no ViT tower takes inputs smaller than this: pinpoints no such size divides fit no tower
@@ -74,4 +77,48 @@ def anyres_problems(m: ModelSpec) -> list[Problem]:
     return out
 
 
-__all__ = ["anyres_problems", "model_problems"]
+# LLM types whose transformers 5.24 code passes a ready 4D attention mask through unchanged and takes position_ids
+# (their masks come from `create_causal_mask`, which returns a 4D mask as given): packed logits equal unpacked
+# ones for each, tested in tests/train/test_packing.py. State-space LMs (Mamba) have no attention mask at all.
+PACKABLE_LLM_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "granite", "olmo2", "phi3", "gpt2")
+
+
+def packing_problem(model_type: str) -> str | None:
+    """Why an LLM of `model_type` cannot train packed rows, or None when it can."""
+    if model_type in PACKABLE_LLM_TYPES:
+        return None
+    return (f"train.packing needs an LLM that takes position_ids and a 4D (block-diagonal) attention mask, so that "
+            f"samples packed in one row cannot attend to each other; a {model_type!r} LLM is not one lmmkit has "
+            f"verified. Supported LLM types: {', '.join(PACKABLE_LLM_TYPES)}. Set train.packing=false")
+
+
+def llm_type(llm: str) -> str | None:
+    """The model_type of `model.llm` when its config can be read without loading anything (the shipped LM, a
+    local folder), else None (a hub id is checked when the model is built)."""
+    folder = PARTS_DIR / "lm" if llm == SHIPPED_LM else Path(llm)
+    try:
+        return str(json.loads((folder / "config.json").read_text())["model_type"])
+    except (OSError, ValueError, KeyError):
+        return None
+
+
+def packing_problems(cfg: Config) -> list[Problem]:
+    """train.packing with a stage, bridge or LLM that cannot pack samples into shared rows."""
+    if not cfg.train.packing:
+        return []
+    out: list[Problem] = []
+    if cfg.train.stage == "dpo":
+        out.append(("train.packing", "train.packing: the dpo stage compares each chosen answer with its rejected one "
+                    "row by row, so its pairs are padded, not packed; packing works in stages align, sft and full"))
+    if cfg.model.bridge == "cross-attention":
+        out.append(("train.packing", "train.packing: with model.bridge=cross-attention the images reach every text "
+                    "token of a row through cross-attention, so samples sharing a row would see each other's "
+                    "images; set train.packing=false or use another bridge"))
+    model_type = llm_type(cfg.model.llm)
+    if model_type is not None and (why := packing_problem(model_type)):
+        out.append(("model.llm", f"model.llm is a {model_type!r} model: {why}"))
+    return out
+
+
+__all__ = ["PACKABLE_LLM_TYPES", "anyres_problems", "llm_type", "model_problems", "packing_problem",
+           "packing_problems"]

@@ -101,6 +101,9 @@ class TrainSpec:
     save_every: int = field(default=0, metadata=_GE0)  # steps between checkpoints; 0 = only at the end
     log_every: int = field(default=10, metadata=_GT0)
     cache_vision_features: bool = True  # only with a frozen tower
+    # Several samples per row up to data.max_length, attention confined to each sample (block-diagonal causal
+    # mask, positions restarting per sample): align / sft / full on an LLM that takes both (train/packing.py).
+    packing: bool = False
     lora_rank: int = field(default=0, metadata=_bound(">= 0 (0 = off: train all LLM weights)", lambda v: v >= 0))
     lora_alpha: float = field(default=16.0, metadata=_GT0)
     # dpo stage: the loss (sigmoid = DPO, ipo, hinge = SLiC), its beta, an optional SFT term on the chosen

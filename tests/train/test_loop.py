@@ -187,3 +187,33 @@ def test_cached_features_train_like_pixels_with_a_frozen_tower(clip_vlm, encoded
     run_stage(clip_vlm, encoded_samples, stage="align", output_dir=tmp_path / "out", batch_size=4, lr=1e-2,
               config=_config(tiny_llama_dir, tiny_clip_dir, stage="align"), max_steps=3, cache=cache, **FP32)
     assert calls == []
+
+
+def test_target_loss_scores_logits_only_where_there_is_a_target(clip_vlm, encoded_samples, monkeypatch):
+    """target_loss (the packed objective's) equals the LLM's own (value and gradients) while the LM head sees
+    only the positions that predict a labelled token."""
+    from lmmkit.train.loop import target_loss
+
+    model = clip_vlm.eval()
+    batch = make_batch(model, encoded_samples, None, model.tokenizer.pad_token_id)
+    expected = model(**batch).loss
+    expected.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    rows_seen = []
+    model.llm.lm_head.register_forward_hook(lambda _m, args, _out: rows_seen.append(args[0].shape[1]))
+    loss = target_loss(model, batch)
+    loss.backward()
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-6)
+    for name, grad in grads.items():
+        torch.testing.assert_close(model.get_parameter(name).grad, grad, rtol=1e-5, atol=1e-7, msg=name)
+    targets = (batch["labels"][:, 1:] != -100).any(0)
+    assert rows_seen == [int(targets.sum())] and rows_seen[0] < batch["input_ids"].shape[1] // 2
+    # An LLM without logits_to_keep gets its own loss, unchanged.
+    original = type(model.llm).forward
+    monkeypatch.setattr(type(model.llm), "forward", lambda self, inputs_embeds=None, **kw: original(
+        self, inputs_embeds=inputs_embeds, **kw))
+    rows_seen.clear()
+    with torch.no_grad():
+        assert target_loss(model, batch).item() == pytest.approx(expected.item(), rel=1e-6)
+    assert rows_seen == [batch["input_ids"].shape[1]]

@@ -13,6 +13,7 @@ from lmmkit.data.collate import expand_image_tokens, pad_batch
 from lmmkit.data.dataset import EncodedSample
 from lmmkit.data.schema import Message
 from lmmkit.data.templates import encode_prompt
+from lmmkit.eval.shared_prefix import generate_sharing_prefixes
 from lmmkit.models.vlm import VisionLanguageModel
 from lmmkit.train.features import FeatureCache
 from lmmkit.train.loop import make_batch
@@ -36,8 +37,10 @@ def prompt_ids(model: VisionLanguageModel, question: str, with_image: bool = Tru
 
 def answer_questions(model: VisionLanguageModel, items: Sequence[tuple[object, str]], batch_size: int = 128,
                      max_new_tokens: int = 16, cache: FeatureCache | None = None, desc: str = "answer",
-                     progress: bool = True) -> list[str]:
-    """Greedy answers to (image, question) pairs. Images (paths or PIL) are encoded once each."""
+                     progress: bool = True, share_prefixes: bool = True) -> list[str]:
+    """Greedy answers to (image, question) pairs. Images (paths or PIL) are encoded once each; with
+    `share_prefixes`, the prompt start shared by the questions about one image (chat header and image tokens)
+    also goes through the LLM once per batch (eval/shared_prefix.py): same answers, less work."""
     model.eval()
     cache = cache if cache is not None else FeatureCache()
     cache.fill(model, [im for im, _ in items])
@@ -47,9 +50,12 @@ def answer_questions(model: VisionLanguageModel, items: Sequence[tuple[object, s
                       total=math.ceil(len(items) / batch_size)):
             chunk = items[i:i + batch_size]
             ids = [prompt_ids(model, q, image=im) for im, q in chunk]
-            batch = pad_batch([(x, x) for x in ids], model.tokenizer.pad_token_id, side="left")
-            out = model.generate(batch["input_ids"], batch["attention_mask"],
-                                 **cache.inputs(model, [im for im, _ in chunk]), max_new_tokens=max_new_tokens)
+            images = [im for im, _ in chunk]
+            out = generate_sharing_prefixes(model, images, ids, cache, max_new_tokens) if share_prefixes else None
+            if out is None:
+                batch = pad_batch([(x, x) for x in ids], model.tokenizer.pad_token_id, side="left")
+                out = model.generate(batch["input_ids"], batch["attention_mask"], **cache.inputs(model, images),
+                                     max_new_tokens=max_new_tokens)
             answers += [model.tokenizer.decode(t, skip_special_tokens=True).strip() for t in out]
     return answers
 

@@ -16,6 +16,8 @@ from PIL import Image
 from torch import nn
 from transformers import AutoConfig, AutoImageProcessor, AutoModel, CLIPVisionModel, SiglipVisionModel
 
+from lmmkit.models.fast_pixels import fast_pixels
+
 # model_type -> has a CLS token at position 0
 VIT_TYPES = {"clip_vision_model": True, "clip": True, "siglip_vision_model": False, "siglip": False,
              "dinov2": True, "vit": True}
@@ -80,7 +82,10 @@ class VisionTower(nn.Module):
         return cfg.hidden_sizes[-1] if self.is_conv else cfg.hidden_size
 
     def preprocess(self, images: list[Image.Image]) -> torch.Tensor:
-        return self.processor(images=[im.convert("RGB") for im in images], return_tensors="pt")["pixel_values"]
+        rgb = [im if im.mode == "RGB" else im.convert("RGB") for im in images]
+        # Images already at the input size (AnyRes views, ShapesWorld) skip the per-image work, same pixels.
+        fast = fast_pixels(rgb, self.processor)
+        return fast if fast is not None else self.processor(images=rgb, return_tensors="pt")["pixel_values"]
 
     @property
     def input_size(self) -> tuple[int, int]:

@@ -210,14 +210,16 @@ def _first_misfit(per_row: list[int], per_image: list[int], name: list[str]) -> 
 def decode(llm: PreTrainedModel, prompt: dict[str, torch.Tensor], attention_mask: torch.Tensor, eos: int,
            max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
            generator: torch.Generator | None = None,
-           after_prefill: Callable[[], None] | None = None) -> list[list[int]]:
+           after_prefill: Callable[[], None] | None = None, cache: DynamicCache | None = None) -> list[list[int]]:
     """The KV-cache decoding loop: prefill the left-padded prompt (`prompt` holds input_ids or
     inputs_embeds), then one token per step until every row has produced `eos` or max_new_tokens.
     `after_prefill` runs once between the two (the cross-attention model switches its media mask there).
-    Returns the new token ids per row, cut at (and excluding) eos."""
+    `cache` may already hold the start of every row (shared prompt prefixes); `attention_mask` then covers
+    the cached positions and the prompt. Returns the new token ids per row, cut at (and excluding) eos."""
     mask = attention_mask.clone()
-    position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
-    cache = DynamicCache()
+    width = next(iter(prompt.values())).shape[1]
+    position_ids = (mask.cumsum(-1) - 1).clamp(min=0)[:, -width:]
+    cache = cache if cache is not None else DynamicCache()
     out = llm(**prompt, attention_mask=mask, position_ids=position_ids, cache=cache, use_cache=True)
     if after_prefill is not None:
         after_prefill()

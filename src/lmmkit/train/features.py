@@ -40,8 +40,9 @@ class FeatureCache:
     def fill(self, model: VisionLanguageModel, images: Sequence, batch_size: int = 256, desc: str = "encode images",
              autocast: bool = True) -> None:
         """Encode every image not cached yet, in batches, under no_grad."""
-        todo = list(dict.fromkeys(image_key(im) for im in images if image_key(im) not in self.features))
+        # One key per image: resolving a path is a realpath walk, too slow to repeat for every question.
         by_key = {image_key(im): im for im in images}
+        todo = [k for k in by_key if k not in self.features]
         model.vision.eval()
         with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
             for i in tqdm(range(0, len(todo), batch_size), desc=desc, unit="batch", disable=len(todo) <= batch_size):

@@ -8,6 +8,7 @@ unchanged: each process takes its share of every batch.
 
 from __future__ import annotations
 
+import inspect
 import json
 import math
 import time
@@ -22,6 +23,7 @@ from transformers import get_cosine_schedule_with_warmup
 
 from lmmkit.data.collate import pad_batch
 from lmmkit.data.dataset import EncodedSample
+from lmmkit.data.templates import IGNORE_INDEX
 from lmmkit.models.vlm import VisionLanguageModel
 from lmmkit.train.checkpoint import latest_checkpoint, load_trained_parts, read_state, save_checkpoint
 from lmmkit.train.features import FeatureCache, open_image
@@ -77,23 +79,47 @@ class LMObjective:
         return make_batch(model, samples, cache, pad_id)
 
     def loss(self, wrapped: torch.nn.Module, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
+        # The LLM's own loss, on purpose: `target_loss` computes the same value along another numeric path
+        # (bf16), which changed the demo's trajectory for no measurable speed gain at this vocabulary size.
         return wrapped(**batch).loss, {}
+
+
+def target_loss(wrapped: torch.nn.Module, batch: dict) -> torch.Tensor:
+    """The LLM's mean next-token loss over the labelled tokens, with logits computed only at positions that
+    predict one (any row's): the LM head and the fp32 softmax over every position cost positions x vocab,
+    and with assistant-only labels most positions are never scored. The same loss as `model(**batch).loss`;
+    an LLM without transformers' `logits_to_keep` gets exactly that."""
+    llm = getattr(getattr(wrapped, "module", wrapped), "llm", None)
+    if llm is None or "logits_to_keep" not in inspect.signature(llm.forward).parameters:
+        return wrapped(**batch).loss
+    targets = batch["labels"][:, 1:]
+    keep = (targets != IGNORE_INDEX).any(0).nonzero().squeeze(1)
+    logits = wrapped(**{k: v for k, v in batch.items() if k != "labels"}, logits_to_keep=keep).logits
+    return torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), targets[:, keep].flatten(),
+                                             ignore_index=IGNORE_INDEX)
 
 
 def make_batch(model: VisionLanguageModel, samples: list[EncodedSample], cache: FeatureCache | None,
                pad_id: int) -> dict:
     batch = pad_batch([(s.input_ids, s.labels) for s in samples], pad_id)
-    images = [im for s in samples for im in s.images]
-    if images:
-        if cache is not None:
-            batch.update(cache.inputs(model, images))
-        else:
-            opened = [open_image(im, s.where) for s in samples for im in s.images]
-            batch["pixel_values"] = model.vision.preprocess(opened)
-            if model.variable_tokens:  # AnyRes packs each image by its size
-                batch["image_sizes"] = [(im.height, im.width) for im in opened]
+    batch.update(image_inputs(model, samples, cache))
     batch["sample_ids"] = [s.id for s in samples]
     return batch
+
+
+def image_inputs(model: VisionLanguageModel, samples: list[EncodedSample], cache: FeatureCache | None) -> dict:
+    """The model's image arguments for these samples' images, in sample order (the order their placeholders
+    take in the batch): cached tower features, or pixels; plus image_sizes for AnyRes. Empty without images."""
+    images = [im for s in samples for im in s.images]
+    if not images:
+        return {}
+    if cache is not None:
+        return cache.inputs(model, images)
+    opened = [open_image(im, s.where) for s in samples for im in s.images]
+    out: dict = {"pixel_values": model.vision.preprocess(opened)}
+    if model.variable_tokens:  # AnyRes packs each image by its size
+        out["image_sizes"] = [(im.height, im.width) for im in opened]
+    return out
 
 
 def run_stage(model: VisionLanguageModel, samples: list, *, stage: str, output_dir: Path,
@@ -103,7 +129,9 @@ def run_stage(model: VisionLanguageModel, samples: list, *, stage: str, output_d
               log_every: int = 10, train_vision_tower: bool = False, cache: FeatureCache | None = None,
               resume: bool = False, progress: bool = True, objective: Objective | None = None) -> StageResult:
     """Train `model` in place on `samples` for one stage; checkpoints go to output_dir/checkpoint-<step>.
-    `objective` defaults to the LM loss (`LMObjective`); samples are whatever it batches."""
+    `objective` defaults to the LM loss (`LMObjective`); samples are whatever it batches. An objective may set
+    `length_group` (batch_order's group; 1 = plain shuffle) and put the real token count of a batch under
+    "num_tokens" when its attention mask is not the 2D padding mask (packing, train/packing.py)."""
     objective = objective or LMObjective()
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -116,6 +144,7 @@ def run_stage(model: VisionLanguageModel, samples: list, *, stage: str, output_d
 
     world, rank = accelerator.num_processes, accelerator.process_index
     lengths = [objective.length(s) for s in samples]
+    group = getattr(objective, "length_group", 32)
     global_batch = batch_size * world
     batches_per_epoch = len(samples) // global_batch
     if batches_per_epoch == 0:
@@ -153,9 +182,12 @@ def run_stage(model: VisionLanguageModel, samples: list, *, stage: str, output_d
             for _ in range(grad_accum):
                 epoch, index = divmod(micro, batches_per_epoch)
                 if epoch not in epoch_cache:
-                    epoch_cache = {epoch: batch_order(len(samples), global_batch, seed, epoch, lengths)}
+                    epoch_cache = {epoch: batch_order(len(samples), global_batch, seed, epoch, lengths,
+                                                       group)}
                 ids = epoch_cache[epoch][index][rank::world]
                 batch = objective.batch(model, [samples[i] for i in ids], cache, pad_id)
+                n_tokens = batch.pop("num_tokens", None)
+                n_tokens = int(batch["attention_mask"].sum()) if n_tokens is None else int(n_tokens)
                 batch = {k: v.to(accelerator.device) if torch.is_tensor(v) else v for k, v in batch.items()}
                 with accelerator.accumulate(wrapped), accelerator.autocast():
                     loss, extra = objective.loss(wrapped, batch)
@@ -168,7 +200,7 @@ def run_stage(model: VisionLanguageModel, samples: list, *, stage: str, output_d
                 window_loss += loss.item() / grad_accum
                 for k, v in extra.items():
                     window_extra[k] = window_extra.get(k, 0.0) + v / grad_accum
-                tokens_seen += int(batch["attention_mask"].sum()) * world
+                tokens_seen += n_tokens * world
                 micro += 1
             step += 1
             loss_value = window_loss

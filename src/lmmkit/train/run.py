@@ -17,6 +17,7 @@ from lmmkit.train.checkpoint import load_model
 from lmmkit.train.dpo import DPOObjective, DPOSettings
 from lmmkit.train.features import FeatureCache
 from lmmkit.train.loop import StageResult, run_stage
+from lmmkit.train.packing import PackedLMObjective
 from lmmkit.train.stages import trainable_parts
 
 
@@ -65,7 +66,8 @@ def train_from_config(cfg: Config, resume: bool = False) -> StageResult:
     if t.lora_rank:
         wrapped = add_lora(model.llm, rank=t.lora_rank, alpha=t.lora_alpha, seed=t.seed)
         print(f"LoRA rank {t.lora_rank}, alpha {t.lora_alpha:g} on {len(wrapped)} LLM projections")
-    objective = None
+    # Checked here, before any data is read: an LLM (or bridge) that cannot take the packed mask says so now.
+    objective = PackedLMObjective(model, cfg.data.max_length) if t.packing else None
     if t.stage == "dpo":
         samples, counter = load_preference_pairs(model, cfg.data.train, cfg.data.image_folder, cfg.data.max_length,
                                                  cfg.data.bad_records, cfg.data.preference_format)

@@ -19,9 +19,10 @@ from lmmkit.eval.backends.base import (
     fingerprint_folder,
 )
 from lmmkit.eval.generation import prompt_ids
+from lmmkit.eval.shared_prefix import generate_sharing_prefixes
 from lmmkit.models.build import resolve_part
 from lmmkit.models.vlm import VisionLanguageModel
-from lmmkit.train.features import FeatureCache
+from lmmkit.train.features import FeatureCache, image_key
 
 
 class LmmkitBackend:
@@ -70,8 +71,10 @@ class LmmkitBackend:
                 except DataError as err:
                     out[i] = BackendError(str(err))
                     ready.remove(i)
-        # Similar prompt lengths together: less padding, same answers (left padding is exact).
-        ready.sort(key=lambda i: len(requests[i].prompt))
+        # Questions about one image together (their shared prompt start runs once: eval/shared_prefix.py), then
+        # similar prompt lengths: less padding, same answers (left padding is exact).
+        ready.sort(key=lambda i: (image_key(requests[i].images[0]) if requests[i].images else "",
+                                  len(requests[i].prompt)))
         model = self.model
         model.eval()
         steps = math.ceil(len(ready) / self.batch_size)
@@ -85,10 +88,13 @@ class LmmkitBackend:
                     images = [requests[i].images[0] for i in rows] if with_image else []
                     ids = [prompt_ids(model, requests[i].prompt, with_image=with_image,
                                       image=images[k] if with_image else None) for k, i in enumerate(rows)]
-                    batch = pad_batch([(x, x) for x in ids], model.tokenizer.pad_token_id, side="left")
-                    inputs = self.features.inputs(model, images) if with_image else {}
-                    new = model.generate(batch["input_ids"], batch["attention_mask"], **inputs,
-                                         max_new_tokens=settings.max_new_tokens, temperature=settings.temperature)
+                    new = generate_sharing_prefixes(model, images, ids, self.features, settings.max_new_tokens,
+                                                    settings.temperature) if with_image else None
+                    if new is None:
+                        batch = pad_batch([(x, x) for x in ids], model.tokenizer.pad_token_id, side="left")
+                        inputs = self.features.inputs(model, images) if with_image else {}
+                        new = model.generate(batch["input_ids"], batch["attention_mask"], **inputs,
+                                             max_new_tokens=settings.max_new_tokens, temperature=settings.temperature)
                     for i, t in zip(rows, new, strict=True):
                         out[i] = model.tokenizer.decode(t, skip_special_tokens=True).strip()
         return [o if o is not None else BackendError("no answer produced") for o in out]

@@ -1,0 +1,70 @@
+"""Smoke runs of the benchmark scripts at their --quick size: they run end to end and check what they claim to
+(same pixels, same input ids, same answers). No timing is asserted; the figures are in docs/performance.md."""
+
+from __future__ import annotations
+
+import importlib.util
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+
+
+def _script(name: str):
+    sys.path.insert(0, str(BENCHMARKS))
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCHMARKS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(autouse=True)
+def _one_thread(one_torch_thread):
+    yield
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("bench")
+
+
+def test_train_throughput_quick(work, capsys):
+    results = _script("train_throughput").main(["--quick", "--work", str(work), "--json", str(work / "t.json")])
+    for stage in ("sft", "align"):
+        s = results["stages"][stage]
+        assert s["same_input_ids"] == 1.0  # the HF processor builds exactly lmmkit's sequences
+        assert s["hf"]["tokens_per_s"] > 0 and s["lmmkit"]["tokens_per_s"] > 0 and s["ratio"] > 0
+        assert s["lmmkit"]["positions_per_step"] >= s["lmmkit"]["tokens_per_step"]
+    assert "sft ratio lmmkit/hf" in capsys.readouterr().out and (work / "t.json").exists()
+
+
+def test_eval_throughput_quick(work, capsys):
+    results = _script("eval_throughput").main(["--quick", "--work", str(work)])
+    assert results["questions"] == 12 and results["agreement"] == 1.0 and results["ratio"] > 0
+    assert "answers identical" in capsys.readouterr().out
+
+
+def test_preprocess_throughput_quick(work):
+    results = _script("preprocess_throughput").main(["--quick", "--work", str(work)])
+    assert results["same_pixels"] == {"anyres": True, "fixed 64px": True}
+    assert results["views"] > 4  # AnyRes really tiled: more views than images
+    assert results["anyres"]["ratio"] > 0
+
+
+def test_packing_demo_quick(work):
+    results = _script("packing_demo").main(["--quick", "--work", str(work)])
+    for stage in ("align", "sft"):
+        padding = results[stage]["padding"]
+        # Packing never computes more positions than padding the same batch (pack_rows' guarantee).
+        assert padding["packed"]["positions_per_step"] <= padding["padded"]["positions_per_step"] + 1e-9
+        assert padding["packed"]["tokens_per_step"] == padding["padded"]["tokens_per_step"]
+
+
+def test_each_script_is_one_command():
+    for name in ("train_throughput", "eval_throughput", "preprocess_throughput", "packing_demo"):
+        out = subprocess.run([sys.executable, str(BENCHMARKS / f"{name}.py"), "--help"], capture_output=True,
+                             text=True, check=True).stdout
+        assert "--quick" in out and "--repeats" in out
