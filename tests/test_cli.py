@@ -96,3 +96,12 @@ def test_data_shapes_writes_the_dataset(tmp_path, capsys):
     # What it wrote is valid training data: `lmmkit data check` accepts it.
     assert main(["data", "check", str(out / "train" / "conversations.json"), "--image-folder",
                  str(out / "images")]) == 0
+
+
+def test_train_stage_flag_is_the_stage_override(tmp_path, capsys):
+    config = tmp_path / "run.yaml"
+    config.write_text("train:\n  stage: sft\n")
+    assert main(["train", "--config", str(config), "--stage", "dpoo"]) == 2
+    err = capsys.readouterr().err
+    assert "command line: train.stage: 'dpoo' is not allowed; choose one of: align, sft, dpo, full; " \
+           "did you mean 'dpo'?" in err

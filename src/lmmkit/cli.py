@@ -91,7 +91,8 @@ def _train(args: argparse.Namespace) -> int:
     from lmmkit.train.run import train_from_config
 
     try:
-        cfg = load_config(args.config, args.overrides)
+        stage = [f"train.stage={args.stage}"] if args.stage else []  # `--stage dpo` = the override train.stage=dpo
+        cfg = load_config(args.config, [*args.overrides, *stage])
     except ConfigError as err:
         print(f"config error:\n{err}", file=sys.stderr)
         return 2
@@ -251,6 +252,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", required=True)
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.lr=3e-4 train.max_steps=100")
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in train.output_dir")
+    p.add_argument("--stage", help="shorthand for the override train.stage=STAGE (align, sft, dpo, full)")
     p.set_defaults(func=_train)
 
     p = sub.add_parser("eval", help="score a model on benchmark tasks (official formats or ShapesWorld twins)")
