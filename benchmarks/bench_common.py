@@ -164,7 +164,7 @@ class _Counting:
 def run_stage_rate(model: VisionLanguageModel, samples: list, cache: FeatureCache | None, stage: str, objective: Any,
                    batch_size: int, steps: int, warmup: int, lr: float, seed: int, out: Path) -> dict:
     """lmmkit's run_stage for warmup + steps (bf16, cached features); tokens/s over the steps after warmup, from
-    its own metrics (the running rate x elapsed = tokens so far), and the positions computed per step."""
+    its own metrics (tokens so far and elapsed seconds per step), and the positions computed per step."""
     from accelerate.state import AcceleratorState
 
     from lmmkit.train.loop import run_stage
@@ -178,7 +178,7 @@ def run_stage_rate(model: VisionLanguageModel, samples: list, cache: FeatureCach
     lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     (out / "metrics.jsonl").unlink()
     first, last = lines[warmup - 1], lines[-1]
-    tokens = last["tokens_per_second"] * last["elapsed"] - first["tokens_per_second"] * first["elapsed"]
+    tokens = last["tokens"] - first["tokens"]  # exact counts (rate x rounded elapsed is not, on short runs)
     seconds = last["elapsed"] - first["elapsed"]
     return {"tokens_per_s": tokens / seconds, "tokens_per_step": tokens / steps,
             "positions_per_step": counting.positions / steps, "final_loss": last["loss"]}

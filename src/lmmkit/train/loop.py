@@ -213,7 +213,8 @@ def run_stage(model: VisionLanguageModel, samples: list, *, stage: str, output_d
             if accelerator.is_main_process and (step % log_every == 0 or step == steps):
                 metrics.write(json.dumps({"stage": stage, "step": step, "loss": round(loss_value, 5),
                                           **{k: round(v, 5) for k, v in window_extra.items()},
-                                          "lr": scheduler.get_last_lr()[0], "tokens_per_second": round(rate, 1),
+                                          "lr": scheduler.get_last_lr()[0], "tokens": tokens_seen,
+                                          "tokens_per_second": round(rate, 1),
                                           "elapsed": round(time.time() - start, 2)}) + "\n")
                 metrics.flush()
             if save_every and step % save_every == 0 and step < steps:
