@@ -9,19 +9,16 @@ the errors this model actually makes (RLHF-V / self-rewarding style), ranked wit
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
 from lmmkit import IMAGE_TOKEN
-from lmmkit.data.collate import pad_batch
 from lmmkit.data.preference import PreferenceRecord
 from lmmkit.data.schema import Message
 from lmmkit.eval.chair import ObjectVocabulary
-from lmmkit.eval.generation import prompt_ids
+from lmmkit.eval.generation import answer_questions
 from lmmkit.models.vlm import VisionLanguageModel
 from lmmkit.train.features import FeatureCache
 
@@ -39,22 +36,10 @@ def sample_answers(model: VisionLanguageModel, images: Sequence[Path], prompt: s
                    temperature: float = 1.0, top_p: float = 0.95, max_new_tokens: int = 64, seed: int = 0,
                    batch_size: int = 64, cache: FeatureCache | None = None) -> list[list[str]]:
     """`samples` sampled answers per image (seeded), each image's tower features computed once."""
-    model.eval()
-    cache = cache if cache is not None else FeatureCache()
-    cache.fill(model, list(images))
-    gen = torch.Generator().manual_seed(seed)
-    flat = [im for im in images for _ in range(samples)]
-    texts: list[str] = []
-    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
-        for i in tqdm(range(0, len(flat), batch_size), desc="sample answers", unit="batch",
-                      total=math.ceil(len(flat) / batch_size)):
-            chunk = flat[i:i + batch_size]
-            ids = [prompt_ids(model, prompt, image=im) for im in chunk]
-            batch = pad_batch([(x, x) for x in ids], model.tokenizer.pad_token_id, side="left")
-            out = model.generate(batch["input_ids"], batch["attention_mask"], **cache.inputs(model, chunk),
-                                 max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-                                 generator=gen)
-            texts += [model.tokenizer.decode(t, skip_special_tokens=True).strip() for t in out]
+    flat = [(im, prompt) for im in images for _ in range(samples)]
+    texts = answer_questions(model, flat, batch_size=batch_size, max_new_tokens=max_new_tokens, cache=cache,
+                             desc="sample answers", temperature=temperature, top_p=top_p,
+                             generator=torch.Generator().manual_seed(seed))
     return [texts[k * samples:(k + 1) * samples] for k in range(len(images))]
 
 

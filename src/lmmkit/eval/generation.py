@@ -37,10 +37,13 @@ def prompt_ids(model: VisionLanguageModel, question: str, with_image: bool = Tru
 
 def answer_questions(model: VisionLanguageModel, items: Sequence[tuple[object, str]], batch_size: int = 128,
                      max_new_tokens: int = 16, cache: FeatureCache | None = None, desc: str = "answer",
-                     progress: bool = True, share_prefixes: bool = True) -> list[str]:
-    """Greedy answers to (image, question) pairs. Images (paths or PIL) are encoded once each; with
-    `share_prefixes`, the prompt start shared by the questions about one image (chat header and image tokens)
-    also goes through the LLM once per batch (eval/shared_prefix.py): same answers, less work."""
+                     progress: bool = True, share_prefixes: bool = True, temperature: float = 0.0,
+                     top_p: float = 1.0, generator: torch.Generator | None = None) -> list[str]:
+    """Answers to (image, question) pairs: greedy, or sampled with temperature > 0 (top_p, `generator`).
+    Images (paths or PIL) are encoded once each; with `share_prefixes` (greedy only), the prompt start shared
+    by the questions about one image (chat header and image tokens) also goes through the LLM once per batch
+    (eval/shared_prefix.py): same answers, less work."""
+    share_prefixes = share_prefixes and temperature <= 0
     model.eval()
     cache = cache if cache is not None else FeatureCache()
     cache.fill(model, [im for im, _ in items])
@@ -55,7 +58,8 @@ def answer_questions(model: VisionLanguageModel, items: Sequence[tuple[object, s
             if out is None:
                 batch = pad_batch([(x, x) for x in ids], model.tokenizer.pad_token_id, side="left")
                 out = model.generate(batch["input_ids"], batch["attention_mask"], **cache.inputs(model, images),
-                                     max_new_tokens=max_new_tokens)
+                                     max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                                     generator=generator)
             answers += [model.tokenizer.decode(t, skip_special_tokens=True).strip() for t in out]
     return answers
 
