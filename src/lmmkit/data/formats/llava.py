@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from lmmkit.atomic import atomic_open
 from lmmkit.data.check import (
@@ -26,6 +26,8 @@ from lmmkit.data.check import (
 )
 from lmmkit.data.images import load_image, require_image_file, resolve_image_path
 from lmmkit.data.schema import ConversationRecord, DataError, Message
+
+R = TypeVar("R")
 
 # LLaVA speaker names -> lmmkit roles. The role names themselves are accepted too, since
 # converted datasets often use them.
@@ -165,20 +167,31 @@ def read_llava(
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: data file not found")
+
+    def parse(obj: Any, source: str, fallback_id: str) -> list[ConversationRecord]:
+        record = _parse_record(obj, source, fallback_id, image_folder)
+        check_record_images(record, open_images)
+        return [record]
+
+    yield from read_with_policy(path, parse, policy, counter)
+
+
+def read_with_policy(path: Path, parse: Callable[[Any, str, str], Iterable[R]], policy: BadRecordPolicy,
+                     counter: BadRecordCounter | None) -> Iterator[R]:
+    """The records `parse(obj, source, fallback_id)` makes of each raw record of a JSON / JSON lines file
+    (iter_raw_records). A DataError, from the file or from `parse`, goes through `policy`; a caller that
+    passed no counter gets the skips summarised once at the end."""
     own_counter = counter is None
     counter = counter if counter is not None else BadRecordCounter()
-
     for source, fallback_id, obj in iter_raw_records(path):
         try:
             if isinstance(obj, DataError):
                 raise obj
-            record = _parse_record(obj, source, fallback_id, image_folder)
-            check_record_images(record, open_images)
+            records = parse(obj, source, fallback_id)
         except DataError as err:
             counter.handle(err, policy)
             continue
-        yield record
-
+        yield from records
     if own_counter and counter.total:
         # Nobody else will report the skips: say it once at the end.
         logger.warning("%s: %s", path, counter.summary())

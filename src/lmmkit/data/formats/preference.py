@@ -30,8 +30,8 @@ from typing import Any
 
 from lmmkit import IMAGE_TOKEN
 from lmmkit.atomic import atomic_open
-from lmmkit.data.check import REASON_MALFORMED, BadRecordCounter, BadRecordPolicy, data_error, logger
-from lmmkit.data.formats.llava import SPEAKER_TO_ROLE, iter_raw_records
+from lmmkit.data.check import REASON_MALFORMED, BadRecordCounter, BadRecordPolicy, data_error
+from lmmkit.data.formats.llava import SPEAKER_TO_ROLE, read_with_policy
 from lmmkit.data.images import load_image, require_image_file, resolve_image_path
 from lmmkit.data.preference import PreferenceRecord
 from lmmkit.data.schema import DataError, Message
@@ -192,21 +192,14 @@ def read_preferences(path: Path, image_folder: Path | None, fmt: str = "auto", p
         raise ValueError(f"unknown preference format {fmt!r}; choose auto, pairs or vlfeedback")
     if not path.is_file():
         raise DataError(f"{path}: preference file not found")
-    own_counter = counter is None
-    counter = counter if counter is not None else BadRecordCounter()
-    for source, fallback_id, obj in iter_raw_records(path):
-        try:
-            if isinstance(obj, DataError):
-                raise obj
-            is_vlf = fmt == "vlfeedback" or (fmt == "auto" and isinstance(obj, dict) and "completions" in obj)
-            records = (_vlfeedback_records(obj, source, fallback_id, image_folder, open_images, aspects) if is_vlf
-                       else [_pair_record(obj, source, fallback_id, image_folder, open_images)])
-        except DataError as err:
-            counter.handle(err, policy)
-            continue
-        yield from records
-    if own_counter and counter.total:
-        logger.warning("%s: %s", path, counter.summary())
+
+    def parse(obj: Any, source: str, fallback_id: str) -> list[PreferenceRecord]:
+        is_vlf = fmt == "vlfeedback" or (fmt == "auto" and isinstance(obj, dict) and "completions" in obj)
+        if is_vlf:
+            return _vlfeedback_records(obj, source, fallback_id, image_folder, open_images, aspects)
+        return [_pair_record(obj, source, fallback_id, image_folder, open_images)]
+
+    yield from read_with_policy(path, parse, policy, counter)
 
 
 def write_preferences(records: Iterable[PreferenceRecord], path: Path, image_folder: Path) -> int:
