@@ -68,3 +68,24 @@ def test_each_script_is_one_command():
         out = subprocess.run([sys.executable, str(BENCHMARKS / f"{name}.py"), "--help"], capture_output=True,
                              text=True, check=True).stdout
         assert "--quick" in out and "--repeats" in out
+
+
+def test_gpu_mfu_quick_counts_flops_and_padding(work, capsys):
+    """On a CPU the quick run trains lmmkit's mask-packed step and HF's padded one at tiny shapes (the varlen side
+    needs CUDA); the FLOP count follows the docstring's formula."""
+    module = _script("gpu_mfu")
+    results = module.main(["--quick", "--json", str(work / "mfu.json")])
+    sides = results["sides"]
+    assert set(sides) == {"lmmkit-mask", "hf"} and all("error" not in r for r in sides.values())
+    for r in sides.values():
+        assert r["tokens_per_s"] > 0 and all(loss == loss for loss in r["losses"])  # finite, not NaN
+    assert sides["hf"]["tokens_per_step"] == sides["lmmkit-mask"]["tokens_per_step"]  # the same samples
+    assert sides["hf"]["positions_per_step"] > sides["lmmkit-mask"]["positions_per_step"]  # HF pads
+    shape = module.TINY
+    sample = module.sample_stream(shape, 5, seed=0, count=1)[0]
+    params = {"llm": 1000, "embed": 100, "bridge": 10, "vision": 7}
+    flops, attention = module.model_flops(shape, params, [[sample]])
+    n, targets, head = len(sample.input_ids), sum(t >= 0 for t in sample.labels[1:]), shape.hidden * shape.vocab
+    assert flops == 6 * (1000 - 100 - head) * n + 6 * head * targets + 6 * 10 * 4 + 2 * 7 * 5
+    assert attention == 6 * shape.layers * shape.hidden * n ** 2 + 4 * shape.vision_layers * shape.vision_hidden * 25
+    assert "ratio lmmkit-mask/hf" in capsys.readouterr().out

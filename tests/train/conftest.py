@@ -79,3 +79,21 @@ def encoded_samples(clip_vlm, llava_data):
     samples, counter = load_samples(clip_vlm, data, images, max_length=128, policy="stop")
     assert len(samples) == 8 and counter.total == 0
     return samples
+
+
+VARIED_MAX_LEN = 128  # varied_samples pack two or three to a row of this width
+
+
+@pytest.fixture
+def varied_samples(clip_vlm, make_llava_data, tmp_path) -> list:
+    """8 samples of 50 to 110 tokens (answers of 1 to 8 sentences): lengths that pack into rows of 128."""
+    from lmmkit.train.run import load_samples
+
+    data, images = make_llava_data(tmp_path / "varied")
+    records = json.loads(data.read_text())
+    for i, record in enumerate(records):
+        record["conversations"][1]["value"] = " ".join(["The square is red."] * (i % 8 + 1))
+    data.write_text(json.dumps(records))
+    samples, _ = load_samples(clip_vlm, data, images, max_length=VARIED_MAX_LEN, policy="stop")
+    assert len(samples) == 8 and max(len(s.input_ids) for s in samples) - min(len(s.input_ids) for s in samples) > 30
+    return samples

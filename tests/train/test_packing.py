@@ -18,6 +18,7 @@ from PIL import Image, ImageDraw
 from transformers import AutoConfig, AutoModelForCausalLM, MambaConfig, MambaForCausalLM
 
 import tiny_hf
+from conftest import VARIED_MAX_LEN
 from lmmkit.config import Config, ConfigError, ModelSpec, TrainSpec, config_from_dict, config_to_dict
 from lmmkit.data.templates import IGNORE_INDEX
 from lmmkit.models.build import build_vlm
@@ -34,25 +35,12 @@ from lmmkit.train.packing import (
 from lmmkit.train.run import load_samples, train_from_config
 
 FP32 = {"precision": "fp32", "progress": False, "log_every": 1}
-MAX_LEN = 128  # the 8 tiny samples are 40-50 tokens: two or three share a row
+MAX_LEN = VARIED_MAX_LEN  # varied_samples (conftest): 50 to 110 tokens, two or three share a row
 
 
 def _config(llm, vision, **train) -> dict:
     return config_to_dict(Config(model=ModelSpec(llm=str(llm), vision=str(vision), vision_select_layer=-2),
                                  train=TrainSpec(**train)))
-
-
-@pytest.fixture
-def varied_samples(clip_vlm, make_llava_data, tmp_path) -> list:
-    """8 samples of 50 to 110 tokens (answers of 1 to 8 sentences): lengths that pack into rows of 128."""
-    data, images = make_llava_data(tmp_path / "varied")
-    records = json.loads(data.read_text())
-    for i, record in enumerate(records):
-        record["conversations"][1]["value"] = " ".join(["The square is red."] * (i % 8 + 1))
-    data.write_text(json.dumps(records))
-    samples, _ = load_samples(clip_vlm, data, images, max_length=MAX_LEN, policy="stop")
-    assert len(samples) == 8 and max(len(s.input_ids) for s in samples) - min(len(s.input_ids) for s in samples) > 30
-    return samples
 
 
 def _spans(batch: dict, samples: list) -> dict[str, tuple[int, int, int]]:

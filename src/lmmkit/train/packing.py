@@ -35,6 +35,7 @@ from lmmkit.models.vlm import VisionLanguageModel
 from lmmkit.spec_checks import packing_problem
 from lmmkit.train.features import FeatureCache
 from lmmkit.train.loop import image_inputs, target_loss
+from lmmkit.train.varlen import VARLEN_ATTENTION, varlen_layout
 
 MASK_IMPLEMENTATIONS = ("sdpa", "eager")  # attention implementations that apply a custom 4D mask
 
@@ -54,9 +55,10 @@ def check_packable(model: nn.Module, max_length: int) -> None:
     if why:
         raise PackingError(why)
     impl = getattr(config, "_attn_implementation", None) or "eager"
-    if impl not in MASK_IMPLEMENTATIONS:
+    if impl not in (*MASK_IMPLEMENTATIONS, VARLEN_ATTENTION):
         raise PackingError(f"train.packing: the LLM runs attention with {impl!r}, which lmmkit does not hand a 4D "
-                           f"block-diagonal mask; load it with attn_implementation one of {', '.join(MASK_IMPLEMENTATIONS)}")
+                           f"block-diagonal mask; load it with attn_implementation one of "
+                           f"{', '.join(MASK_IMPLEMENTATIONS)}, or {VARLEN_ATTENTION} on a GPU (train/varlen.py)")
     window = getattr(config, "sliding_window", None)
     if getattr(config, "use_sliding_window", True) and isinstance(window, int) and window < max_length:
         # The custom mask replaces the model's own, sliding window included: only safe when the window is moot.
@@ -118,7 +120,14 @@ def packed_mask(segments: torch.Tensor, implementation: str, dtype: torch.dtype)
 def make_packed_batch(model: VisionLanguageModel, samples: list[EncodedSample], cache: FeatureCache | None,
                       pad_id: int, max_length: int) -> dict:
     """Samples packed into rows of at most max_length tokens: input_ids, labels, position_ids, the 4D
-    attention_mask, the image inputs (row-major sample order), `num_tokens` (non-pad) and per-row sample ids."""
+    attention_mask, the image inputs (row-major sample order), `num_tokens` (non-pad) and per-row sample ids.
+    An LLM on the varlen kernel (train/varlen.py) gets all samples in one row and no mask instead."""
+    impl = getattr(model.llm.config, "_attn_implementation", None) or "eager"
+    if impl == VARLEN_ATTENTION:
+        batch = varlen_layout(samples)
+        batch.update(image_inputs(model, samples, cache))
+        batch["sample_ids"] = ["+".join(s.id for s in samples)]
+        return batch
     rows = pack_rows([len(s.input_ids) for s in samples], max_length)
     fill = [sum(len(samples[i].input_ids) for i in row) for row in rows]
     width = -(-max(fill) // PAD_MULTIPLE) * PAD_MULTIPLE  # as pad_batch: few distinct shapes under CPU autocast
@@ -139,7 +148,6 @@ def make_packed_batch(model: VisionLanguageModel, samples: list[EncodedSample], 
             positions[r, start:start + n] = torch.arange(n)
             segments[r, start:start + n] = k
             start += n
-    impl = getattr(model.llm.config, "_attn_implementation", None) or "eager"
     ordered = [samples[i] for row in rows for i in row]
     batch = {"input_ids": input_ids, "labels": labels, "position_ids": positions,
              "attention_mask": packed_mask(segments, impl, model.llm.dtype)}

@@ -19,6 +19,7 @@ from lmmkit.train.features import FeatureCache
 from lmmkit.train.loop import StageResult, run_stage
 from lmmkit.train.packing import PackedLMObjective
 from lmmkit.train.stages import trainable_parts
+from lmmkit.train.varlen import use_varlen_attention, varlen_available
 
 
 class ModelBuildError(ValueError):
@@ -66,6 +67,11 @@ def train_from_config(cfg: Config, resume: bool = False) -> StageResult:
     if t.lora_rank:
         wrapped = add_lora(model.llm, rank=t.lora_rank, alpha=t.lora_alpha, seed=t.seed)
         print(f"LoRA rank {t.lora_rank}, alpha {t.lora_alpha:g} on {len(wrapped)} LLM projections")
+    attention = model.llm.config._attn_implementation
+    if t.packing and t.precision == "bf16" and varlen_available():
+        use_varlen_attention(model.llm)  # a GPU: flash varlen, one unpadded row per step, no dense mask
+    if t.packing:
+        print(f"packing with {model.llm.config._attn_implementation} attention")
     # Checked here, before any data is read: an LLM (or bridge) that cannot take the packed mask says so now.
     objective = PackedLMObjective(model, cfg.data.max_length) if t.packing else None
     if t.stage == "dpo":
@@ -84,10 +90,12 @@ def train_from_config(cfg: Config, resume: bool = False) -> StageResult:
     if t.cache_vision_features and frozen_tower:
         cache = FeatureCache()
         cache.fill(model, [im for s in samples for im in s.images])
-    return run_stage(
+    result = run_stage(
         model, samples, stage=t.stage, output_dir=Path(t.output_dir), config=config_to_dict(cfg),
         batch_size=t.batch_size, grad_accum=t.grad_accum, lr=t.lr, max_steps=t.max_steps, epochs=t.epochs,
         warmup_ratio=t.warmup_ratio, weight_decay=t.weight_decay, max_grad_norm=t.max_grad_norm,
         precision=t.precision, seed=t.seed, save_every=t.save_every, log_every=t.log_every,
         train_vision_tower=t.train_vision_tower, cache=cache, resume=resume, objective=objective,
     )
+    model.llm.set_attn_implementation(attention)  # varlen attention cannot generate: hand back the model as built
+    return result

@@ -1,0 +1,112 @@
+"""Packed rows through flash-attention's varlen kernel (train/varlen.py).
+
+The layout and the refusals are checked everywhere; the kernel itself runs on CUDA only, so the loss and
+gradient checks skip on a CPU (CI) and run on a GPU (`docs/performance.md` says where they last ran).
+Tolerances there: bf16 autocast on both sides with different attention kernels (flash varlen vs sdpa), so
+losses are compared at 1e-2 relative and gradients by cosine similarity >= 0.99 per tensor.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import VARIED_MAX_LEN
+from lmmkit.data.templates import IGNORE_INDEX
+from lmmkit.train.loop import make_batch, target_loss
+from lmmkit.train.packing import check_packable, make_packed_batch
+from lmmkit.train.varlen import (
+    VARLEN_ATTENTION,
+    VarlenError,
+    register_varlen_attention,
+    varlen_attention,
+    varlen_available,
+    varlen_layout,
+)
+
+needs_cuda = pytest.mark.skipif(not varlen_available(), reason="the flash varlen kernel needs a CUDA GPU")
+
+
+def test_layout_is_one_unpadded_row_with_sample_boundaries(varied_samples):
+    batch = varlen_layout(varied_samples)
+    lengths = [len(s.input_ids) for s in varied_samples]
+    total = sum(lengths)
+    assert batch["input_ids"].shape == (1, total) and batch["num_tokens"] == total
+    assert batch["cu_seq_lens_q"].dtype == torch.int32
+    assert batch["cu_seq_lens_q"].tolist() == [sum(lengths[:i]) for i in range(len(lengths) + 1)]
+    assert batch["max_length_q"] == max(lengths)
+    start = 0
+    for s, n in zip(varied_samples, lengths, strict=True):
+        assert batch["input_ids"][0, start:start + n].tolist() == s.input_ids
+        assert batch["position_ids"][0, start:start + n].tolist() == list(range(n))  # restart per sample
+        assert batch["labels"][0, start] == IGNORE_INDEX  # never predicted from the previous sample
+        assert batch["labels"][0, start + 1:start + n].tolist() == s.labels[1:]
+        start += n
+
+
+def test_packing_takes_the_varlen_layout_when_the_llm_runs_that_kernel(clip_vlm, varied_samples):
+    clip_vlm.llm.set_attn_implementation(register_varlen_attention())
+    check_packable(clip_vlm, VARIED_MAX_LEN)  # accepted: no mask to hand over
+    batch = make_packed_batch(clip_vlm, varied_samples, None, clip_vlm.tokenizer.pad_token_id, VARIED_MAX_LEN)
+    assert "attention_mask" not in batch and batch["input_ids"].shape[0] == 1
+    assert batch["pixel_values"].shape[0] == len(varied_samples)  # one image per sample, in sample order
+
+
+def test_refusals_say_what_is_wrong():
+    q = torch.zeros(2, 2, 4, 8, dtype=torch.bfloat16)
+    cu = torch.tensor([0, 4], dtype=torch.int32)
+    layer = torch.nn.Linear(1, 1)
+    with pytest.raises(VarlenError, match="packed training rows only"):
+        varlen_attention(layer, q[:1], q[:1], q[:1], None)
+    with pytest.raises(VarlenError, match="one packed row, got a batch of 2"):
+        varlen_attention(layer, q, q, q, None, cu_seq_lens_q=cu, max_length_q=4)
+    with pytest.raises(VarlenError, match="bf16 or fp16"):
+        varlen_attention(layer, q[:1].float(), q[:1].float(), q[:1].float(), None, cu_seq_lens_q=cu, max_length_q=4)
+    with pytest.raises(VarlenError, match="sample"):
+        varlen_layout([])
+
+
+@needs_cuda
+def test_varlen_loss_and_gradients_equal_the_unpacked_ones(clip_vlm, varied_samples):
+    model, pad = clip_vlm.cuda().eval(), clip_vlm.tokenizer.pad_token_id
+
+    def loss_and_grads(batch: dict, attention: str) -> tuple[float, dict[str, torch.Tensor]]:
+        model.llm.set_attn_implementation(attention)
+        model.zero_grad(set_to_none=True)
+        batch = {k: v.cuda() if torch.is_tensor(v) else v for k, v in batch.items() if k != "num_tokens"}
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = target_loss(model, batch)
+        loss.backward()
+        return loss.item(), {n: p.grad.float().clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    padded_loss, padded_grads = loss_and_grads(make_batch(model, varied_samples, None, pad), "sdpa")
+    register_varlen_attention()
+    model.llm.set_attn_implementation(VARLEN_ATTENTION)
+    packed = make_packed_batch(model, varied_samples, None, pad, VARIED_MAX_LEN)
+    varlen_loss, varlen_grads = loss_and_grads(packed, VARLEN_ATTENTION)
+    assert varlen_loss == pytest.approx(padded_loss, rel=1e-2)
+    assert varlen_grads.keys() == padded_grads.keys()
+    for name, grad in padded_grads.items():
+        cosine = torch.nn.functional.cosine_similarity(varlen_grads[name].flatten(), grad.flatten(), dim=0)
+        assert cosine >= 0.99, name
+    # The check has teeth: the same row with one causal attention over all samples gives another loss.
+    model.llm.set_attn_implementation("sdpa")
+    leaky = {k: v for k, v in packed.items() if not k.startswith(("cu_seq", "max_length", "num_tokens"))}
+    leaky_loss, _ = loss_and_grads({**leaky, "position_ids": torch.arange(packed["num_tokens"])[None]}, "sdpa")
+    assert leaky_loss != pytest.approx(padded_loss, rel=1e-2)
+
+
+@needs_cuda
+def test_lmmkit_train_packs_through_varlen_on_a_gpu(tiny_llama_dir, tiny_clip_dir, llava_data, tmp_path, capsys):
+    from lmmkit.config import config_from_dict
+    from lmmkit.train.run import train_from_config
+
+    data, images = llava_data
+    cfg = config_from_dict({
+        "model": {"llm": str(tiny_llama_dir), "vision": str(tiny_clip_dir), "vision_select_layer": -2},
+        "data": {"train": str(data), "image_folder": str(images), "max_length": VARIED_MAX_LEN},
+        "train": {"stage": "sft", "packing": True, "max_steps": 3, "batch_size": 4, "precision": "bf16",
+                  "output_dir": str(tmp_path / "out"), "log_every": 1}})
+    result = train_from_config(cfg)
+    assert f"packing with {VARLEN_ATTENTION} attention" in capsys.readouterr().out
+    assert result.steps == 3 and all(torch.isfinite(torch.tensor(loss)) for _, loss in result.losses)
