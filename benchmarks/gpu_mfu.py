@@ -88,7 +88,7 @@ def image_token_id() -> int:
     return shipped_tokenizer().convert_tokens_to_ids(IMAGE_TOKEN)
 
 
-def build_lmmkit(shape: Shape, device: torch.device, attention: str):
+def build_lmmkit(shape: Shape, device: torch.device, attention: str, compile_layers: bool = False):
     """lmmkit's VisionLanguageModel at `shape`, random bf16 weights on `device`, set up for SFT."""
     from transformers import (
         CLIPImageProcessor,
@@ -117,6 +117,10 @@ def build_lmmkit(shape: Shape, device: torch.device, attention: str):
     else:
         model.llm.set_attn_implementation("sdpa")
     apply_stage(model, "sft", verbose=False)
+    if compile_layers:
+        from lmmkit.train.compiled import compile_decoder_layers
+
+        compile_decoder_layers(model.llm)
     return model
 
 
@@ -202,11 +206,11 @@ def model_flops(shape: Shape, params: dict[str, int], micro: list[list]) -> tupl
     return float(flops), float(attention)
 
 
-def build_side(side: str, shape: Shape, device: torch.device, image_id: int):
+def build_side(side: str, shape: Shape, device: torch.device, image_id: int, compile_layers: bool):
     with bc.quiet():
         if side == "hf":
             return build_hf(shape, device, image_id)
-        return build_lmmkit(shape, device, "varlen" if side == "lmmkit" else "sdpa")
+        return build_lmmkit(shape, device, "varlen" if side == "lmmkit" else "sdpa", compile_layers)
 
 
 def run_side(side: str, shape: Shape, args: argparse.Namespace) -> dict:
@@ -218,7 +222,7 @@ def run_side(side: str, shape: Shape, args: argparse.Namespace) -> dict:
     torch.set_default_dtype(torch.bfloat16)
     image_id = image_token_id()
     try:
-        model = build_side(side, shape, device, image_id)
+        model = build_side(side, shape, device, image_id, args.compile)
     finally:
         torch.set_default_dtype(torch.float32)
     if side == "hf":
@@ -318,7 +322,9 @@ def matmul_tflops() -> float | None:
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny shapes, 2 steps: a smoke run on any device")
-    parser.add_argument("--side", choices=[*SIDES, "all"], default="all")
+    parser.add_argument("--sides", default=",".join(SIDES), help=f"comma-separated, of: {', '.join(SIDES)}")
+    parser.add_argument("--side", choices=SIDES, help=argparse.SUPPRESS)  # one side, in this process
+    parser.add_argument("--compile", action="store_true", help="torch.compile lmmkit's decoder layers (HF stays eager)")
     parser.add_argument("--micro-tokens", type=int, default=4096, help="real tokens per micro-batch (lmmkit: one row)")
     parser.add_argument("--accum", type=int, default=4, help="micro-batches per optimizer step")
     parser.add_argument("--steps", type=int, default=8)
@@ -331,25 +337,28 @@ def main(argv: list[str] | None = None) -> dict:
         args.micro_tokens, args.accum, args.steps, args.warmup = min(args.micro_tokens, 256), 2, 2, 1
     shape = TINY if args.quick else LLAVA_7B
     bc.setup(int(os.environ.get("OMP_NUM_THREADS", "1")))
-    if args.side != "all":
+    if args.side:
         result = run_side(args.side, shape, args)
         if args.json:
             args.json.write_text(json.dumps(result))
         return result
     sides = {}
+    wanted = [s for s in args.sides.split(",") if s]
+    if unknown := set(wanted) - set(SIDES):
+        raise SystemExit(f"--sides: unknown {', '.join(sorted(unknown))}; choose among {', '.join(SIDES)}")
     # A CPU has no varlen kernel: there lmmkit packs with the dense mask only.
-    for side in SIDES if torch.cuda.is_available() else SIDES[1:]:
+    for side in wanted if torch.cuda.is_available() else [s for s in wanted if s != "lmmkit"]:
         out = Path(f"/tmp/gpu_mfu_{os.getpid()}_{side}.json")
         cmd = [sys.executable, __file__, "--side", side, "--json", str(out), "--micro-tokens", str(args.micro_tokens),
                "--accum", str(args.accum), "--steps", str(args.steps), "--warmup", str(args.warmup),
-               "--seed", str(args.seed)] + (["--quick"] if args.quick else [])
+               "--seed", str(args.seed)] + (["--quick"] if args.quick else []) + (["--compile"] if args.compile else [])
         proc = subprocess.run(cmd, text=True)
         sides[side] = json.loads(out.read_text()) if proc.returncode == 0 and out.exists() else \
             {"side": side, "error": f"exit code {proc.returncode}"}
     peak = peak_tflops(args)
     results = {"shape": "tiny" if args.quick else "llava-1.5-7b", "device": torch.cuda.get_device_name()
                if torch.cuda.is_available() else "cpu", "peak_tflops": peak, "matmul_tflops": matmul_tflops(),
-               "micro_tokens": args.micro_tokens, "accum": args.accum, "steps": args.steps, "sides": sides,
+               "micro_tokens": args.micro_tokens, "compile": args.compile, "accum": args.accum, "steps": args.steps, "sides": sides,
                **bc.machine(1)}
     print(f"\n{results['device']}: dense bf16 peak {peak or 'unknown'} TFLOP/s; 8192^3 matmul here "
           f"{results['matmul_tflops'] or 0:.0f} TFLOP/s" if results["matmul_tflops"] else "")
@@ -368,7 +377,7 @@ def main(argv: list[str] | None = None) -> dict:
     ok = [s for s in sides.values() if "error" not in s]
     hf = sides.get("hf", {})
     for r in ok:
-        if r["side"] != "hf" and "error" not in hf:
+        if r["side"] != "hf" and "tokens_per_s" in hf:
             print(f"ratio {r['side']}/hf tokens/s: {r['tokens_per_s'] / hf['tokens_per_s']:.2f}x")
     if args.json:
         args.json.write_text(json.dumps(results, indent=1))

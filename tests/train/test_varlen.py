@@ -87,6 +87,8 @@ def test_varlen_loss_and_gradients_equal_the_unpacked_ones(clip_vlm, varied_samp
     assert varlen_loss == pytest.approx(padded_loss, rel=1e-2)
     assert varlen_grads.keys() == padded_grads.keys()
     for name, grad in padded_grads.items():
+        if name.endswith("k_proj.bias"):  # exactly zero in exact arithmetic (softmax ignores a per-query shift)
+            continue
         cosine = torch.nn.functional.cosine_similarity(varlen_grads[name].flatten(), grad.flatten(), dim=0)
         assert cosine >= 0.99, name
     # The check has teeth: the same row with one causal attention over all samples gives another loss.
