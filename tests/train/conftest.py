@@ -85,6 +85,13 @@ VARIED_MAX_LEN = 128  # varied_samples pack two or three to a row of this width
 
 
 @pytest.fixture
+def varied_max_len() -> int:
+    """The packed-row width the varied_samples are made for (test modules cannot import conftest: another
+    test folder's conftest may hold that module name)."""
+    return VARIED_MAX_LEN
+
+
+@pytest.fixture
 def varied_samples(clip_vlm, make_llava_data, tmp_path) -> list:
     """8 samples of 50 to 110 tokens (answers of 1 to 8 sentences): lengths that pack into rows of 128."""
     from lmmkit.train.run import load_samples

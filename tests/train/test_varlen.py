@@ -11,7 +11,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import VARIED_MAX_LEN
 from lmmkit.data.templates import IGNORE_INDEX
 from lmmkit.train.loop import make_batch, target_loss
 from lmmkit.train.packing import check_packable, make_packed_batch
@@ -44,10 +43,10 @@ def test_layout_is_one_unpadded_row_with_sample_boundaries(varied_samples):
         start += n
 
 
-def test_packing_takes_the_varlen_layout_when_the_llm_runs_that_kernel(clip_vlm, varied_samples):
+def test_packing_takes_the_varlen_layout_when_the_llm_runs_that_kernel(clip_vlm, varied_samples, varied_max_len):
     clip_vlm.llm.set_attn_implementation(register_varlen_attention())
-    check_packable(clip_vlm, VARIED_MAX_LEN)  # accepted: no mask to hand over
-    batch = make_packed_batch(clip_vlm, varied_samples, None, clip_vlm.tokenizer.pad_token_id, VARIED_MAX_LEN)
+    check_packable(clip_vlm, varied_max_len)  # accepted: no mask to hand over
+    batch = make_packed_batch(clip_vlm, varied_samples, None, clip_vlm.tokenizer.pad_token_id, varied_max_len)
     assert "attention_mask" not in batch and batch["input_ids"].shape[0] == 1
     assert batch["pixel_values"].shape[0] == len(varied_samples)  # one image per sample, in sample order
 
@@ -67,8 +66,12 @@ def test_refusals_say_what_is_wrong():
 
 
 @needs_cuda
-def test_varlen_loss_and_gradients_equal_the_unpacked_ones(clip_vlm, varied_samples):
-    model, pad = clip_vlm.cuda().eval(), clip_vlm.tokenizer.pad_token_id
+def test_varlen_loss_and_gradients_equal_the_unpacked_ones(clip_vlm, varied_samples, varied_max_len):
+    from lmmkit.train.stages import apply_stage
+
+    model, pad = clip_vlm.cuda(), clip_vlm.tokenizer.pad_token_id
+    apply_stage(model, "sft", verbose=False)  # as packed SFT trains: bridge + LLM, the tower frozen
+    model.eval()  # no dropout: both layouts must see the same function
 
     def loss_and_grads(batch: dict, attention: str) -> tuple[float, dict[str, torch.Tensor]]:
         model.llm.set_attn_implementation(attention)
@@ -82,15 +85,16 @@ def test_varlen_loss_and_gradients_equal_the_unpacked_ones(clip_vlm, varied_samp
     padded_loss, padded_grads = loss_and_grads(make_batch(model, varied_samples, None, pad), "sdpa")
     register_varlen_attention()
     model.llm.set_attn_implementation(VARLEN_ATTENTION)
-    packed = make_packed_batch(model, varied_samples, None, pad, VARIED_MAX_LEN)
+    packed = make_packed_batch(model, varied_samples, None, pad, varied_max_len)
     varlen_loss, varlen_grads = loss_and_grads(packed, VARLEN_ATTENTION)
     assert varlen_loss == pytest.approx(padded_loss, rel=1e-2)
-    assert varlen_grads.keys() == padded_grads.keys()
+    assert varlen_grads.keys() == padded_grads.keys() and any(k.startswith("bridge") for k in varlen_grads)
+    scale = max(g.norm() for g in padded_grads.values())
     for name, grad in padded_grads.items():
-        if name.endswith("k_proj.bias"):  # exactly zero in exact arithmetic (softmax ignores a per-query shift)
+        if grad.norm() < 1e-3 * scale:  # e.g. the key bias: zero in exact arithmetic, bf16 noise here
             continue
         cosine = torch.nn.functional.cosine_similarity(varlen_grads[name].flatten(), grad.flatten(), dim=0)
-        assert cosine >= 0.99, name
+        assert cosine >= 0.99, f"{name}: cosine {cosine:.4f}, norms {varlen_grads[name].norm():.3g} / {grad.norm():.3g}"
     # The check has teeth: the same row with one causal attention over all samples gives another loss.
     model.llm.set_attn_implementation("sdpa")
     leaky = {k: v for k, v in packed.items() if not k.startswith(("cu_seq", "max_length", "num_tokens"))}
@@ -99,14 +103,15 @@ def test_varlen_loss_and_gradients_equal_the_unpacked_ones(clip_vlm, varied_samp
 
 
 @needs_cuda
-def test_lmmkit_train_packs_through_varlen_on_a_gpu(tiny_llama_dir, tiny_clip_dir, llava_data, tmp_path, capsys):
+def test_lmmkit_train_packs_through_varlen_on_a_gpu(tiny_llama_dir, tiny_clip_dir, llava_data, tmp_path, capsys,
+                                                     varied_max_len):
     from lmmkit.config import config_from_dict
     from lmmkit.train.run import train_from_config
 
     data, images = llava_data
     cfg = config_from_dict({
         "model": {"llm": str(tiny_llama_dir), "vision": str(tiny_clip_dir), "vision_select_layer": -2},
-        "data": {"train": str(data), "image_folder": str(images), "max_length": VARIED_MAX_LEN},
+        "data": {"train": str(data), "image_folder": str(images), "max_length": varied_max_len},
         "train": {"stage": "sft", "packing": True, "max_steps": 3, "batch_size": 4, "precision": "bf16",
                   "output_dir": str(tmp_path / "out"), "log_every": 1}})
     result = train_from_config(cfg)

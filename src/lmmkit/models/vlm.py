@@ -146,6 +146,10 @@ class VisionLanguageModel(nn.Module):
         if pixel_values is not None or vision_features is not None:
             image_embeds = self.encode_images(pixel_values, vision_features, image_sizes)
         inputs_embeds = self.embed(input_ids, image_embeds, sample_ids)
+        if torch.is_grad_enabled():
+            # Training never reads a KV cache; HF LLMs build one by default (config.use_cache), and its per-layer
+            # state breaks torch.compile's guards (a recompile per layer). Generation asks for one explicitly.
+            llm_kwargs.setdefault("use_cache", False)
         return self.llm(inputs_embeds=inputs_embeds, attention_mask=attention_mask, labels=labels, **llm_kwargs)
 
     # ---- generation -----------------------------------------------------------------------
