@@ -134,3 +134,21 @@ def test_lmmkit_train_packs_through_varlen_on_a_gpu(tiny_llama_dir, tiny_clip_di
     result = train_from_config(cfg)
     assert f"packing with {VARLEN_ATTENTION} attention" in capsys.readouterr().out
     assert result.steps == 3 and all(torch.isfinite(torch.tensor(loss)) for _, loss in result.losses)
+
+
+def test_train_compile_gives_the_eager_losses(tiny_llama_dir, tiny_clip_dir, llava_data, tmp_path, capsys):
+    """train.compile compiles the LLM's decoder layers; the losses are the eager ones (fp32: same math, fused)."""
+    from lmmkit.config import config_from_dict
+    from lmmkit.train.run import train_from_config
+
+    data, images = llava_data
+    losses = {}
+    for compiled in (False, True):
+        cfg = config_from_dict({
+            "model": {"llm": str(tiny_llama_dir), "vision": str(tiny_clip_dir), "vision_select_layer": -2},
+            "data": {"train": str(data), "image_folder": str(images)},
+            "train": {"stage": "sft", "compile": compiled, "max_steps": 3, "batch_size": 4, "precision": "fp32",
+                      "output_dir": str(tmp_path / f"out{compiled}"), "log_every": 1}})
+        losses[compiled] = [loss for _, loss in train_from_config(cfg).losses]
+    assert "torch.compile: 2 LLM decoder layers" in capsys.readouterr().out
+    assert losses[True] == pytest.approx(losses[False], rel=1e-4)

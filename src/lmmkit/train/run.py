@@ -14,6 +14,7 @@ from lmmkit.models.build import build_from_spec
 from lmmkit.models.lora import add_lora
 from lmmkit.models.vlm import VisionLanguageModel
 from lmmkit.train.checkpoint import load_model
+from lmmkit.train.compiled import compile_decoder_layers
 from lmmkit.train.dpo import DPOObjective, DPOSettings
 from lmmkit.train.features import FeatureCache
 from lmmkit.train.loop import StageResult, run_stage
@@ -72,6 +73,8 @@ def train_from_config(cfg: Config, resume: bool = False) -> StageResult:
         use_varlen_attention(model.llm)  # a GPU: flash varlen, one unpadded row per step, no dense mask
     if t.packing:
         print(f"packing with {model.llm.config._attn_implementation} attention")
+    if t.compile:
+        print(f"torch.compile: {compile_decoder_layers(model.llm)} LLM decoder layers")
     # Checked here, before any data is read: an LLM (or bridge) that cannot take the packed mask says so now.
     objective = PackedLMObjective(model, cfg.data.max_length) if t.packing else None
     if t.stage == "dpo":
