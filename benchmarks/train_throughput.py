@@ -121,16 +121,20 @@ def same_tokens(folder: Path, records: list[dict], samples: list, images: Path, 
 
 
 def lmmkit_run(llm_dir: Path, vision_dir: Path, samples: list, cache: FeatureCache, stage: str, batch_size: int, steps: int,
-               warmup: int, lr: float, seed: int, packing: bool, max_length: int, work: Path) -> dict:
+               warmup: int, lr: float, seed: int, packing: bool, max_length: int, work: Path,
+               compile_layers: bool = False) -> dict:
     from lmmkit.models.build import build_vlm
+    from lmmkit.train.compiled import compile_decoder_layers
     from lmmkit.train.loop import LMObjective
     from lmmkit.train.packing import PackedLMObjective
 
     with bc.quiet():
         model = build_vlm(str(llm_dir), str(vision_dir), vision_select_layer=-2, seed=0)
+    if compile_layers:  # train.compile; compiled during the warm-up steps, outside the timed window
+        compile_decoder_layers(model.llm)
     objective = PackedLMObjective(model, max_length) if packing else LMObjective()
     return bc.run_stage_rate(model, samples, cache, stage, objective, batch_size, steps, warmup, lr, seed,
-                             work / f"run-{stage}-{'packed' if packing else 'padded'}")
+                             work / f"run-{stage}-{'packed' if packing else 'padded'}{'-compiled' * compile_layers}")
 
 
 def main(argv: list[str] | None = None) -> dict:

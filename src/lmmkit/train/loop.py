@@ -3,7 +3,8 @@
 AdamW, linear warmup + cosine decay, gradient accumulation, bf16 autocast or fp32, gradient
 clipping, atomic checkpoints, exact resume (same data order), a progress bar with loss,
 tokens/s and ETA, and metrics as JSON lines. `accelerate launch` runs it on several processes
-unchanged: each process takes its share of every batch.
+unchanged: each process takes its share of every global batch, and its loss is weighted so that the
+gradient is the one a single process would compute on the whole global batch (train/distributed.py).
 """
 
 from __future__ import annotations
@@ -17,15 +18,18 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import torch
-from accelerate import Accelerator
+from accelerate import Accelerator, DataLoaderConfiguration
+from accelerate.utils import DistributedType
 from tqdm import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
 from lmmkit.data.collate import pad_batch
 from lmmkit.data.dataset import EncodedSample
 from lmmkit.data.templates import IGNORE_INDEX
+from lmmkit.models.lora import has_lora
 from lmmkit.models.vlm import VisionLanguageModel
 from lmmkit.train.checkpoint import latest_checkpoint, load_trained_parts, read_state, save_checkpoint
+from lmmkit.train.distributed import fsdp_plugin, gathered_model, sync_loss
 from lmmkit.train.features import FeatureCache, open_image
 from lmmkit.train.stages import apply_stage, trainable_parts
 
@@ -59,7 +63,12 @@ def batch_order(n_samples: int, batch_size: int, seed: int, epoch: int, lengths:
 class Objective(Protocol):
     """What a stage optimises: how long a sample is (for batching), how samples become a batch, and
     the batch's loss plus extra metrics to log. `LMObjective` is next-token loss on the labels; DPO
-    (train/dpo.py) compares chosen and rejected answers."""
+    (train/dpo.py) compares chosen and rejected answers.
+
+    Optional: `loss_units(batch) -> int`, how many things the loss is a mean over (LMObjective: labelled
+    target tokens). Under several processes each rank's loss is weighted by its share of the global units, so
+    the gradient is the global batch's; an objective without it weighs every rank the same, which is exact
+    when every rank's loss is a mean over equally many things (DPO: batch_size pairs on every rank)."""
 
     def length(self, sample: Any) -> int: ...
 
@@ -78,10 +87,18 @@ class LMObjective:
               pad_id: int) -> dict:
         return make_batch(model, samples, cache, pad_id)
 
+    def loss_units(self, batch: dict) -> int:
+        return labelled_targets(batch)
+
     def loss(self, wrapped: torch.nn.Module, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
         # The LLM's own loss, on purpose: `target_loss` computes the same value along another numeric path
         # (bf16), which changed the demo's trajectory for no measurable speed gain at this vocabulary size.
         return wrapped(**batch).loss, {}
+
+
+def labelled_targets(batch: dict) -> int:
+    """Next-token targets with a label (position 0 predicts nothing): what the LM loss is a mean over."""
+    return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
 
 
 def target_loss(wrapped: torch.nn.Module, batch: dict) -> torch.Tensor:
@@ -135,14 +152,22 @@ def run_stage(model: VisionLanguageModel, samples: list, *, stage: str, output_d
     objective = objective or LMObjective()
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
+    fsdp = fsdp_plugin(model)  # None unless launched with an FSDP accelerate config
+    if fsdp is not None and (resume or has_lora(model.llm)):
+        raise ValueError("FSDP runs save the gathered weights only: no --resume (the optimizer state is sharded) "
+                         "and no LoRA adapters; use DDP (a launch without the FSDP config) for those")
+    # split_batches: the loop splits each global batch over the processes itself, so the prepared scheduler must
+    # step once per optimizer step; by default accelerate steps it once per process (schedule `world` x too fast).
     accelerator = Accelerator(mixed_precision="bf16" if precision == "bf16" else "no",
-                              gradient_accumulation_steps=grad_accum)
+                              gradient_accumulation_steps=grad_accum, fsdp_plugin=fsdp,
+                              dataloader_config=DataLoaderConfiguration(split_batches=True))
     parts = trainable_parts(stage, train_vision_tower)
     apply_stage(model, stage, train_vision_tower, verbose=accelerator.is_main_process and progress)
     if cache is not None and "vision" in parts:
         raise ValueError("cached vision features need a frozen tower, but this stage trains it")
 
     world, rank = accelerator.num_processes, accelerator.process_index
+    loss_units = getattr(objective, "loss_units", None)
     lengths = [objective.length(s) for s in samples]
     group = getattr(objective, "length_group", 32)
     global_batch = batch_size * world
@@ -164,6 +189,9 @@ def run_stage(model: VisionLanguageModel, samples: list, *, stage: str, output_d
         if accelerator.is_main_process:
             print(f"resuming {stage} from {ckpt} at step {start_step}/{steps}")
     wrapped, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    if accelerator.distributed_type == DistributedType.FSDP:
+        # FSDP replaced the parameters with sharded ones (prepare remapped the optimizer): clip those.
+        params = [p for p in wrapped.parameters() if p.requires_grad]
 
     metrics_path = output_dir / "metrics.jsonl"
     losses: list[tuple[int, float]] = []
@@ -188,19 +216,23 @@ def run_stage(model: VisionLanguageModel, samples: list, *, stage: str, output_d
                 batch = objective.batch(model, [samples[i] for i in ids], cache, pad_id)
                 n_tokens = batch.pop("num_tokens", None)
                 n_tokens = int(batch["attention_mask"].sum()) if n_tokens is None else int(n_tokens)
+                units = loss_units(batch) if world > 1 and loss_units is not None else None
                 batch = {k: v.to(accelerator.device) if torch.is_tensor(v) else v for k, v in batch.items()}
                 with accelerator.accumulate(wrapped), accelerator.autocast():
                     loss, extra = objective.loss(wrapped, batch)
+                    if world > 1:  # one process: the loss is left exactly as the objective computed it
+                        synced = sync_loss(accelerator, loss, extra, units, n_tokens)
+                        loss, extra = synced.loss, synced.extra
                     accelerator.backward(loss)
                     if accelerator.sync_gradients and max_grad_norm > 0:
                         accelerator.clip_grad_norm_(params, max_grad_norm)
                     optimizer.step()
                     scheduler.step()
                     optimizer.zero_grad(set_to_none=True)
-                window_loss += loss.item() / grad_accum
+                window_loss += (loss.item() if world == 1 else synced.value) / grad_accum
                 for k, v in extra.items():
                     window_extra[k] = window_extra.get(k, 0.0) + v / grad_accum
-                tokens_seen += n_tokens * world
+                tokens_seen += n_tokens if world == 1 else synced.tokens
                 micro += 1
             step += 1
             loss_value = window_loss
@@ -218,19 +250,24 @@ def run_stage(model: VisionLanguageModel, samples: list, *, stage: str, output_d
                                           "elapsed": round(time.time() - start, 2)}) + "\n")
                 metrics.flush()
             if save_every and step % save_every == 0 and step < steps:
-                _save(accelerator, model, parts, output_dir / f"checkpoint-{step}", config, stage, step, steps,
-                      optimizer, scheduler)
+                _save(accelerator, model, wrapped, parts, output_dir / f"checkpoint-{step}", config, stage, step,
+                      steps, optimizer, scheduler)
     bar.close()
-    final = _save(accelerator, model, parts, output_dir / f"checkpoint-{step}", config, stage, step, steps,
+    final = _save(accelerator, model, wrapped, parts, output_dir / f"checkpoint-{step}", config, stage, step, steps,
                   optimizer, scheduler)
     seconds = time.time() - start
     return StageResult(stage, steps, seconds, loss_value, tokens_seen / max(1e-9, seconds), final, losses)
 
 
-def _save(accelerator: Accelerator, model: VisionLanguageModel, parts: tuple[str, ...], path: Path, config: dict,
-          stage: str, step: int, steps: int, optimizer, scheduler) -> Path | None:
+def _save(accelerator: Accelerator, model: VisionLanguageModel, wrapped: torch.nn.Module, parts: tuple[str, ...],
+          path: Path, config: dict, stage: str, step: int, steps: int, optimizer, scheduler) -> Path | None:
     accelerator.wait_for_everyone()
+    source: Any = model
+    if accelerator.distributed_type == DistributedType.FSDP:
+        # Every rank joins the gather of the full weights; the optimizer state stays sharded (not saved).
+        source = gathered_model(accelerator.get_state_dict(wrapped), model, parts)
+        optimizer = scheduler = None
     if not accelerator.is_main_process:
         return None
     state = {"stage": stage, "step": step, "total_steps": steps}
-    return save_checkpoint(path, model, parts, config, state, optimizer, scheduler)
+    return save_checkpoint(path, source, parts, config, state, optimizer, scheduler)

@@ -34,7 +34,7 @@ from lmmkit.models.cross_attention_vlm import CrossAttentionVLM
 from lmmkit.models.vlm import VisionLanguageModel
 from lmmkit.spec_checks import packing_problem
 from lmmkit.train.features import FeatureCache
-from lmmkit.train.loop import image_inputs, target_loss
+from lmmkit.train.loop import image_inputs, labelled_targets, target_loss
 from lmmkit.train.varlen import VARLEN_ATTENTION, varlen_layout
 
 MASK_IMPLEMENTATIONS = ("sdpa", "eager")  # attention implementations that apply a custom 4D mask
@@ -175,6 +175,9 @@ class PackedLMObjective:
     def batch(self, model: VisionLanguageModel, samples: list[EncodedSample], cache: FeatureCache | None,
               pad_id: int) -> dict:
         return make_packed_batch(model, samples, cache, pad_id, self.max_length)
+
+    def loss_units(self, batch: dict) -> int:
+        return labelled_targets(batch)
 
     def loss(self, wrapped: nn.Module, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
         return target_loss(wrapped, batch), {}
