@@ -21,7 +21,8 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/ruff check src tests
-	$(BIN)/pytest -q
+	# Two workers with one torch thread each: on a busy 2-core machine two threads per process run far slower.
+	OMP_NUM_THREADS=1 $(BIN)/pytest -q -n 2
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests

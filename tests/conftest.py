@@ -79,3 +79,9 @@ def shipped_checkpoint(tmp_path_factory) -> Path:
                                            "train": {"stage": "align", "output_dir": str(out.parent)}}, source="test"))
     save_checkpoint(out, build_vlm("shipped:lm", "shipped:vision"), ("bridge",), cfg, {"step": 0})
     return out
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    """Slow end-to-end tests first: under `pytest -n 2` (make test) the longest ones then start at once on one
+    worker while the other works through the rest, instead of starting last and leaving a worker idle."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)

@@ -40,7 +40,8 @@ def test_demo_reads_the_image(tmp_path: Path) -> None:
     yes-ratio, and a blind control (blank images) at chance accuracy. The foundation issue's
     targets are F1 >= 0.95 and yes-ratio in [0.45, 0.55]; measured here F1 0.945 / 0.953 / 0.914
     and yes-ratio 0.529 / 0.520 / 0.563 (docs/results.md), so this guards the level reached."""
-    results = run_demo(DemoSettings(out=tmp_path / "demo"))
+    # One thread: make test runs two workers on two cores (the demo scored the same with one and two threads, docs/results.md).
+    results = run_demo(DemoSettings(out=tmp_path / "demo", threads=1))
     for split in ("random", "popular", "adversarial"):
         m = results["pope"]["model"][split]["strict"]
         assert m["f1"] >= 0.90, (split, m)
