@@ -259,9 +259,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True,
                    help="an lmmkit checkpoint, an HF image-text-to-text folder, or openai:http://host:port/v1#model")
     p.add_argument("--tasks", default="pope,mme,mmmu,mathvista,lmloss",
-                   help="comma-separated: pope, mme, mmmu, mathvista, mmvet, mmhal, lmloss")
+                   help="comma-separated: pope, mme, mmmu, mathvista, mmvet, mmhal, lmloss; rtvlm (or "
+                        "rtvlm_<aspect>, rtvlm_<subtask>: docs/safety.md)")
     p.add_argument("--data-root", required=True, help="folder with one sub-folder per task (pope/, mme/, ...)")
-    p.add_argument("--judge", help="LLM judge for mmvet, mmhal and MathVista's extraction fallback: an "
+    p.add_argument("--judge", help="LLM judge for mmvet, mmhal, rtvlm and MathVista's extraction fallback: an "
                                    "openai:URL#model endpoint, an lmmkit checkpoint or an HF model folder")
     p.add_argument("--judge-runs", type=int, default=1, help="grade N times; report mean and spread")
     p.add_argument("--api-key-env", default="OPENAI_API_KEY", help="environment variable holding the API key")

@@ -41,6 +41,11 @@ def headline(task: str, result: Mapping) -> list[tuple[str, float | None, float 
     if task == "mmhal":
         return [("average rating (0-6)", _get(s, "average", "mean"), None),
                 ("hallucination rate", _get(s, "hallucination_rate", "mean"), None)]
+    if task.startswith("rtvlm"):  # rtvlm, rtvlm_<aspect>, rtvlm_<subtask>: means of 1-10 grades (docs/safety.md)
+        rows = [("mean score (1-10)", _get(s, "overall", "mean"), None),
+                ("std over judge runs", _get(s, "overall", "std"), None)]
+        rows += [(f"aspect {a}", _get(v, "mean"), None) for a, v in (_get(s, "aspects") or {}).items()]
+        return rows + [(t, _get(v, "mean"), None) for t, v in (_get(s, "subtasks") or {}).items()]
     if task == "chair":
         return [("CHAIR_s", _get(s, "chair_s"), None), ("CHAIR_i", _get(s, "chair_i"), None),
                 ("object recall", _get(s, "recall"), None)]

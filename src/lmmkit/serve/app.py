@@ -29,6 +29,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from lmmkit.models.vlm import VisionLanguageModel
 from lmmkit.serve import APIError, ServeLimits
 from lmmkit.serve.batcher import Batcher, Job
+from lmmkit.serve.guard import ServeGuard
 from lmmkit.serve.protocol import ChatRequest, parse_chat_request
 
 logger = logging.getLogger("lmmkit.serve")
@@ -52,8 +53,9 @@ def page_and_policy() -> tuple[str, str]:
 
 
 def create_app(model: VisionLanguageModel, model_name: str, api_key: str | None = None,
-               limits: ServeLimits | None = None) -> FastAPI:
-    """A FastAPI app serving `model` as `model_name`; with `api_key`, /v1/* needs `Authorization: Bearer`."""
+               limits: ServeLimits | None = None, guard: ServeGuard | None = None) -> FastAPI:
+    """A FastAPI app serving `model` as `model_name`; with `api_key`, /v1/* needs `Authorization: Bearer`;
+    with `guard`, requests and answers are moderated (lmmkit.serve.guard)."""
     limits = limits or ServeLimits()
     batcher = Batcher(model, limits)
     page, policy = page_and_policy()
@@ -70,6 +72,7 @@ def create_app(model: VisionLanguageModel, model_name: str, api_key: str | None 
     # No generated docs: they would load scripts from a CDN, and this API is OpenAI's, documented there.
     app = FastAPI(title="lmmkit serve", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.batcher = batcher
+    app.state.guard = guard
 
     @app.exception_handler(APIError)
     async def _api_error(request: Request, err: APIError) -> JSONResponse:
@@ -134,7 +137,12 @@ def create_app(model: VisionLanguageModel, model_name: str, api_key: str | None 
     @app.post("/v1/chat/completions")
     async def chat(request: Request) -> Response:
         authorize(request)
-        req = await run_in_threadpool(prepare, await read_body(request, limits.max_request_bytes))
+        raw = await read_body(request, limits.max_request_bytes)
+        req = await run_in_threadpool(prepare, raw)
+        if guard is not None:
+            reply = Reply(f"chatcmpl-{secrets.token_hex(12)}", int(time.time()), model_name, len(req.prompt_ids))
+            if (guarded := await guard.respond(raw, req, reply, batcher)) is not None:
+                return guarded  # a refusal, or an answer held back until it was checked
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
         job = Job(req.prompt_ids, lambda ev: loop.call_soon_threadsafe(events.put_nowait, ev), req.max_tokens,

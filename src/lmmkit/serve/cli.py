@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 from lmmkit.serve import ServeLimits
+from lmmkit.serve.guard import GuardConfigError, add_guard_arguments, guard_from_args
 
 _D = ServeLimits()
 
@@ -47,6 +48,7 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
                    help="encoded images kept in memory (LRU by content hash)")
     p.add_argument("--threads", type=int, help="torch CPU threads for generation")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    add_guard_arguments(p)  # --guard SPEC --guard-on input,image-text,output: moderation (docs/safety.md)
 
 
 def limits_from_args(args: argparse.Namespace) -> ServeLimits:
@@ -84,6 +86,11 @@ def serve_main(args: argparse.Namespace) -> int:
     elif not _is_loopback(args.host):
         print(f"warning: listening on {args.host} with no API key: anyone who can reach this port can use the "
               "model (set one with --api-key-env NAME)", file=sys.stderr)
+    try:
+        guard = guard_from_args(args)
+    except GuardConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     if args.threads:
         import torch
 
@@ -96,7 +103,7 @@ def serve_main(args: argparse.Namespace) -> int:
         print(f"error: cannot load {args.checkpoint}: {err}", file=sys.stderr)
         return 2
     name = args.model_name or Path(args.checkpoint).resolve().name
-    app = create_app(model, name, api_key=api_key, limits=limits_from_args(args))
+    app = create_app(model, name, api_key=api_key, limits=limits_from_args(args), guard=guard)
     print(f"serving {name} on http://{args.host}:{args.port}  (chat page at /, API at /v1)", file=sys.stderr)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, server_header=False,
                 timeout_graceful_shutdown=5)

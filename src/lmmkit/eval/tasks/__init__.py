@@ -11,16 +11,20 @@ from lmmkit.eval.tasks.mmhal import MMHalTask
 from lmmkit.eval.tasks.mmmu import MMMUTask
 from lmmkit.eval.tasks.mmvet import MMVetTask
 from lmmkit.eval.tasks.pope import PopeTask
+from lmmkit.eval.tasks.rtvlm import RTVLM_TASKS
 
 TASKS: dict[str, type] = {t.name: t for t in (PopeTask, MMETask, MMMUTask, MathVistaTask, MMVetTask, MMHalTask,
                                                ChairTask, LMLossTask)}
+# Tasks with no ShapesWorld twin (their released data must be downloaded): run by name only.
+DOWNLOAD_TASKS: dict[str, type] = {t.name: t for t in RTVLM_TASKS}
 
 
 def get_tasks(names: str | list[str]) -> list[Task]:
     """Task objects for comma-separated names; an unknown name is an error listing the known ones."""
     wanted = [n.strip() for n in names.split(",")] if isinstance(names, str) else list(names)
     wanted = [n for n in wanted if n]
-    unknown = [n for n in wanted if n not in TASKS]
+    known = {**TASKS, **DOWNLOAD_TASKS}
+    unknown = [n for n in wanted if n not in known]
     if unknown:
-        raise ValueError(f"unknown task(s) {', '.join(unknown)}; available: {', '.join(TASKS)}")
-    return [TASKS[n]() for n in wanted]
+        raise ValueError(f"unknown task(s) {', '.join(unknown)}; available: {', '.join(known)}")
+    return [known[n]() for n in wanted]
