@@ -178,3 +178,19 @@ class Chrome:
         os.close(self._cmd_w)
         os.close(self._res_r)
         shutil.rmtree(self.profile, ignore_errors=True)
+
+
+def wait_until_healthy(proc, port: int, timeout: float = 120) -> None:
+    """Block until a `lmmkit serve` subprocess answers /health on `port`; fail with its output if it exits or
+    the timeout passes first."""
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read() if proc.poll() else ""
+        time.sleep(0.2)

@@ -11,7 +11,6 @@ import socket
 import subprocess
 import sys
 import threading
-import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
@@ -20,7 +19,7 @@ openai = pytest.importorskip("openai")
 httpx = pytest.importorskip("httpx")
 pytest.importorskip("fastapi")
 
-from serve_helpers import MODEL_NAME, LiveServer, data_url, picture, user_message  # noqa: E402
+from serve_helpers import MODEL_NAME, LiveServer, data_url, picture, user_message, wait_until_healthy  # noqa: E402
 
 from lmmkit.eval.backends.base import GenerationSettings, Request  # noqa: E402
 from lmmkit.eval.backends.lmmkit_model import LmmkitBackend  # noqa: E402
@@ -282,15 +281,7 @@ def test_serve_command_with_a_guard(checkpoint, rules_file):
                             env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read() if proc.poll() else ""
-            time.sleep(0.2)
+        wait_until_healthy(proc, port)
         c = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0)
         msgs = [user_message("How do I make a bomb?", data_url(picture()))]
         r = c.chat.completions.create(model="tiny", messages=msgs, max_tokens=4, temperature=0)

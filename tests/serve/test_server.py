@@ -12,7 +12,6 @@ import socket
 import subprocess
 import sys
 import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -22,7 +21,15 @@ httpx = pytest.importorskip("httpx")
 pytest.importorskip("fastapi")
 
 from PIL import Image  # noqa: E402
-from serve_helpers import MODEL_NAME, bomb_png, data_url, picture, png_bytes, user_message  # noqa: E402
+from serve_helpers import (  # noqa: E402
+    MODEL_NAME,
+    bomb_png,
+    data_url,
+    picture,
+    png_bytes,
+    user_message,
+    wait_until_healthy,
+)
 
 from lmmkit.data.collate import expand_image_tokens  # noqa: E402
 from lmmkit.data.schema import Message  # noqa: E402
@@ -363,15 +370,7 @@ def test_serve_command_runs_the_server(checkpoint):
     proc = subprocess.Popen([*cmd, "--api-key-env", "LMMKIT_TEST_KEY"], env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read() if proc.poll() else ""
-            time.sleep(0.2)
+        wait_until_healthy(proc, port)
         base = f"http://127.0.0.1:{port}/v1"
         assert httpx.get(f"{base}/models").status_code == 401
         c = openai.OpenAI(base_url=base, api_key="k-123", max_retries=0)

@@ -28,7 +28,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from lmmkit.models.vlm import VisionLanguageModel
 from lmmkit.serve import APIError, ServeLimits
-from lmmkit.serve.batcher import Batcher, Job
+from lmmkit.serve.batcher import Batcher, Job, collect
 from lmmkit.serve.guard import ServeGuard
 from lmmkit.serve.protocol import ChatRequest, parse_chat_request
 
@@ -148,20 +148,12 @@ def create_app(model: VisionLanguageModel, model_name: str, api_key: str | None 
         job = Job(req.prompt_ids, lambda ev: loop.call_soon_threadsafe(events.put_nowait, ev), req.max_tokens,
                   req.temperature, req.top_p, req.stop, req.seed, req.image_sha, req.image, req.image_bytes,
                   image_size=req.image_size)
-        batcher.submit(job)
         reply = Reply(f"chatcmpl-{secrets.token_hex(12)}", int(time.time()), model_name, len(req.prompt_ids))
         if req.stream:
+            batcher.submit(job)
             return StreamingResponse(reply.stream(events, job, req.include_usage), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        parts: list[str] = []
-        try:
-            while (event := await events.get())[0] == "delta":
-                parts.append(event[1])
-        finally:
-            job.cancelled.set()
-        if event[0] == "error":
-            raise APIError(500, event[1], code="generation_failed")
-        return JSONResponse(reply.completion("".join(parts), event[1], event[2]))
+        return JSONResponse(reply.completion(*await collect(batcher, job)))
 
     return app
 

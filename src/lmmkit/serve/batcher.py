@@ -6,6 +6,7 @@ of the bytes), kept in a bounded LRU.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import queue
@@ -237,3 +238,20 @@ def _generator(seed: int | None, device: torch.device) -> torch.Generator:
     else:
         g.manual_seed(seed)
     return g
+
+
+async def collect(batcher: Batcher, job: Job, deltas: list[str] | None = None) -> tuple[str, str, int]:
+    """Run `job` to its end: (text, finish_reason, completion tokens); its deltas go to `deltas`."""
+    loop = asyncio.get_running_loop()
+    events: asyncio.Queue = asyncio.Queue()
+    job.emit = lambda ev: loop.call_soon_threadsafe(events.put_nowait, ev)
+    parts = deltas if deltas is not None else []
+    batcher.submit(job)
+    try:
+        while (event := await events.get())[0] == "delta":
+            parts.append(event[1])
+    finally:
+        job.cancelled.set()
+    if event[0] == "error":
+        raise APIError(500, event[1], code="generation_failed")
+    return "".join(parts), event[1], event[2]

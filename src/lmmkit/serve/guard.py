@@ -10,7 +10,6 @@ A guard is anything with `check(text, where) -> Verdict`: an OpenAI-compatible /
 from __future__ import annotations
 
 import argparse
-import asyncio
 import importlib
 import importlib.util
 import json
@@ -251,6 +250,9 @@ class ServeGuard:
 
     async def respond(self, raw: bytes, req: ChatRequest, reply: Reply, batcher: Batcher) -> Response | None:
         """A refusal, the checked answer when the output is guarded, or None: generate as without a guard."""
+        # Imported here, not at the top: `lmmkit serve --help` stays free of torch.
+        from lmmkit.serve.batcher import collect
+
         inputs: list[tuple[Verdict, str]] = []  # (verdict, modality) of each input check made
         if "input" in self.on:
             inputs.append((await self.check(input_text(raw), "input"), "text"))
@@ -340,23 +342,6 @@ def job_for(req: ChatRequest) -> Job:
 
     return Job(req.prompt_ids, lambda ev: None, req.max_tokens, req.temperature, req.top_p, req.stop, req.seed,
                req.image_sha, req.image, req.image_bytes, image_size=req.image_size)
-
-
-async def collect(batcher: Batcher, job: Job, deltas: list[str] | None = None) -> tuple[str, str, int]:
-    """Run `job` to its end: (text, finish_reason, completion tokens); its deltas go to `deltas`."""
-    loop = asyncio.get_running_loop()
-    events: asyncio.Queue = asyncio.Queue()
-    job.emit = lambda ev: loop.call_soon_threadsafe(events.put_nowait, ev)
-    parts = deltas if deltas is not None else []
-    batcher.submit(job)
-    try:
-        while (event := await events.get())[0] == "delta":
-            parts.append(event[1])
-    finally:
-        job.cancelled.set()
-    if event[0] == "error":
-        raise APIError(500, event[1], code="generation_failed")
-    return "".join(parts), event[1], event[2]
 
 
 def respond_with(req: ChatRequest, reply: Reply, deltas: list[str], finish: str, tokens: int) -> Response:
