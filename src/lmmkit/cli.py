@@ -246,6 +246,9 @@ def build_parser() -> argparse.ArgumentParser:
     from lmmkit.data.scale_cli import add_data_scale_parsers
 
     add_data_scale_parsers(dsub)  # `lmmkit data inspect|convert|dedup SOURCE`: streaming sources (docs/data.md)
+    from lmmkit.data.shapes.attacks import add_attacks_parser
+
+    add_attacks_parser(dsub)  # `lmmkit data attacks --data DIR [--sft N]`: attack twins, safety SFT data (docs/safety.md)
     p.set_defaults(func=_data)
 
     p = sub.add_parser("train", help="train one stage from a YAML config")
@@ -305,6 +308,9 @@ def build_parser() -> argparse.ArgumentParser:
     from lmmkit.analysis.probe_cli import add_probe_parser
 
     add_probe_parser(sub)  # `lmmkit probe CKPT --image I --prompt P`; `lmmkit probe-study CKPT --data DIR`
+    from lmmkit.analysis.safety_study import add_safety_study_parser
+
+    add_safety_study_parser(sub)  # `lmmkit safety-study`: the demo with and without safety SFT data (docs/safety.md)
 
     p = sub.add_parser("report", help="compare eval runs: a table per task and a plot (HTML)")
     p.add_argument("runs", nargs="+", help="eval output folders (or their results.json)")

@@ -64,6 +64,35 @@ def answer_questions(model: VisionLanguageModel, items: Sequence[tuple[object, s
     return answers
 
 
+def generate_multi(model: VisionLanguageModel, requests: Sequence[tuple[Sequence, str]], features: FeatureCache,
+                   max_new_tokens: int, temperature: float = 0.0, batch_size: int = 64) -> list[str]:
+    """Answers to prompts with any number of images each ("<image>\\n" per image, in order, then the
+    question): the VLM splices each placeholder's features in order, so several images per sample work
+    as in training. Greedy by default; the tower's features come from (and go into) `features`."""
+    features.fill(model, [im for ims, _ in requests for im in ims])
+    out: list[str] = [""] * len(requests)
+    order = sorted(range(len(requests)), key=lambda i: len(requests[i][1]))
+    model.eval()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        for b in range(0, len(order), batch_size):
+            chunk = order[b:b + batch_size]
+            ids = []
+            for i in chunk:
+                images, question = requests[i]
+                prompt = encode_prompt(model.tokenizer, [Message("user", "\n".join([IMAGE_TOKEN] * len(images)
+                                                                                   + [question]))])
+                ids.append(expand_image_tokens(prompt, prompt, model.image_token_id,
+                                               model.image_token_counts(list(images)))[0])
+            batch = pad_batch([(x, x) for x in ids], model.tokenizer.pad_token_id, side="left")
+            images = [im for i in chunk for im in requests[i][0]]
+            inputs = features.inputs(model, images) if images else {}
+            new = model.generate(batch["input_ids"], batch["attention_mask"], **inputs,
+                                 max_new_tokens=max_new_tokens, temperature=temperature)
+            for i, t in zip(chunk, new, strict=True):
+                out[i] = model.tokenizer.decode(t, skip_special_tokens=True).strip()
+    return out
+
+
 def lm_loss(model: VisionLanguageModel, samples: Sequence[EncodedSample], batch_size: int = 64,
             cache: FeatureCache | None = None) -> dict:
     """Mean token cross-entropy on answer tokens only, and perplexity (the seed paper's LM metric)."""

@@ -101,7 +101,7 @@ def run_task(task: Task, backend: Backend, root: Path, cache: ResponseCache, jud
     scored = task.score(items, responses, judge, opts.judge_runs)
     from lmmkit.eval.task_stats import task_intervals  # numpy-heavy: imported when scoring
 
-    scored["intervals"] = task_intervals(task.name, scored)  # 95% bootstrap, clustered by image
+    scored["intervals"] = scored.get("intervals") or task_intervals(task.name, scored)  # a task's own, else bootstrap
     write_results = getattr(task, "write_results", None)
     if write_results is not None and opts.out_dir is not None:
         folder = Path(opts.out_dir) / f"{task.name}_results"

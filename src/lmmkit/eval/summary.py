@@ -46,6 +46,11 @@ def headline(task: str, result: Mapping) -> list[tuple[str, float | None, float 
                 ("std over judge runs", _get(s, "overall", "std"), None)]
         rows += [(f"aspect {a}", _get(v, "mean"), None) for a, v in (_get(s, "aspects") or {}).items()]
         return rows + [(t, _get(v, "mean"), None) for t, v in (_get(s, "subtasks") or {}).items()]
+    if task.startswith("attacks"):  # attacks, attacks_<family>: attack success rates (docs/safety.md)
+        rows = [("mean ASR", _get(s, "mean_asr"), None)]
+        for fam, v in (_get(s, "families") or {}).items():
+            rows += [(f"ASR {fam}", v.get("asr"), None), (f"control {fam}", v.get("control_rate"), None)]
+        return rows
     if task == "chair":
         return [("CHAIR_s", _get(s, "chair_s"), None), ("CHAIR_i", _get(s, "chair_i"), None),
                 ("object recall", _get(s, "recall"), None)]

@@ -18,7 +18,7 @@ from lmmkit.eval.backends.base import (
     fingerprint_files,
     fingerprint_folder,
 )
-from lmmkit.eval.generation import prompt_ids
+from lmmkit.eval.generation import generate_multi, prompt_ids
 from lmmkit.eval.shared_prefix import generate_sharing_prefixes
 from lmmkit.models.build import resolve_part
 from lmmkit.models.vlm import VisionLanguageModel
@@ -26,7 +26,7 @@ from lmmkit.train.features import FeatureCache, image_key
 
 
 class LmmkitBackend:
-    """Answers with a VisionLanguageModel (one image per prompt, or none)."""
+    """Answers with a VisionLanguageModel (any number of images per prompt, or none)."""
 
     def __init__(self, model: VisionLanguageModel, fingerprint: str, name: str = "lmmkit", batch_size: int = 64,
                  progress: bool = True, features: FeatureCache | None = None) -> None:
@@ -56,14 +56,9 @@ class LmmkitBackend:
 
     def generate(self, requests: Sequence[Request], settings: GenerationSettings) -> list[str | BackendError]:
         out: list[str | BackendError | None] = [None] * len(requests)
-        ready: list[int] = []
-        for i, r in enumerate(requests):
-            if len(r.images) > 1:
-                out[i] = BackendError(f"lmmkit models take one image per prompt; this request has {len(r.images)}")
-            else:
-                ready.append(i)
+        ready = list(range(len(requests)))
         try:  # all images in big batches; only when one fails to load, find which, one by one
-            self.features.fill(self.model, [requests[i].images[0] for i in ready if requests[i].images])
+            self.features.fill(self.model, [im for i in ready for im in requests[i].images])
         except DataError:
             for i in list(ready):
                 try:
@@ -71,6 +66,14 @@ class LmmkitBackend:
                 except DataError as err:
                     out[i] = BackendError(str(err))
                     ready.remove(i)
+        # Several images per prompt (e.g. the image-order attack twins): one placeholder per image, in order.
+        multi = [i for i in ready if len(requests[i].images) > 1]
+        if multi:
+            answers = generate_multi(self.model, [(requests[i].images, requests[i].prompt) for i in multi],
+                                     self.features, settings.max_new_tokens, settings.temperature, self.batch_size)
+            for i, a in zip(multi, answers, strict=True):
+                out[i] = a
+            ready = [i for i in ready if len(requests[i].images) <= 1]
         # Questions about one image together (their shared prompt start runs once: eval/shared_prefix.py), then
         # similar prompt lengths: less padding, same answers (left padding is exact).
         ready.sort(key=lambda i: (image_key(requests[i].images[0]) if requests[i].images else "",
