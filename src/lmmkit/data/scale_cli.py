@@ -1,6 +1,7 @@
-"""`lmmkit data inspect | convert | dedup SOURCE`: streaming sources in the published formats.
+"""`lmmkit data inspect | convert | dedup SOURCE`, `mix MIXTURE`, `fuse-captions INPUT`: data at scale.
 
 SOURCE is a source spec (lmmkit.data.sources): wds:, llava:, sharegpt4v:, m3it:, arxivqa:, arxivcap:, hf:.
+MIXTURE is a mixture file or an inline mixture (lmmkit.data.mixture_spec).
 Each subcommand sets its own `func`, so `lmmkit data` dispatches to it directly.
 """
 
@@ -84,6 +85,86 @@ def _dedup(args: argparse.Namespace) -> int:
     return 0
 
 
+def _mix(args: argparse.Namespace) -> int:
+    from collections import Counter
+
+    from lmmkit.atomic import atomic_write
+    from lmmkit.data.check import BadRecordCounter
+    from lmmkit.data.convert import write_records
+    from lmmkit.data.mixture import MixtureLoader, choose, cumulative_weights
+    from lmmkit.data.mixture_spec import parse_mixture
+    from lmmkit.data.schema import DataError
+
+    state_path = Path(args.state) if args.state else None
+    try:
+        spec = parse_mixture(args.mixture, seed=args.seed)
+        state = json.loads(state_path.read_text()) if state_path and state_path.exists() else None
+        loader = MixtureLoader(spec, num_workers=args.workers, n_streams=max(1, args.workers), check=args.check,
+                               policy="stop" if args.strict else "skip", state=state)
+        first = loader.blocks
+        records = (r for _, r in zip(range(args.take), loader.samples(), strict=False))
+        if args.out:
+            out = Path(args.out)
+            written = write_records(records, _target_for(out, args.to), out, shard_size=args.shard_size,
+                                    policy="stop" if args.strict else "skip", counter=BadRecordCounter())
+            where = f"; {written.n_records} written to {out}"
+        else:
+            for n, record in enumerate(records):
+                if n < args.show:
+                    print(f"  {first + n:>8}  {record.where}")
+            where = ""
+    except (DataError, ValueError) as err:
+        return _fail(err)
+    except (KeyboardInterrupt, BrokenPipeError):
+        return 130
+    cumulative = cumulative_weights(spec)
+    counts = Counter(choose(spec.seed, i, cumulative) for i in range(first, loader.blocks))
+    n = loader.blocks - first
+    for k, (s, p) in enumerate(zip(spec.sources, spec.probabilities, strict=True)):
+        print(f"  {s.name:<20} {counts[k]:>9} samples ({counts[k] / max(n, 1):6.1%}; weight {p:6.1%})  {s.source}")
+    bad = loader.bad_records()
+    print(f"samples {first}..{loader.blocks - 1} of mixture (seed {spec.seed}){where}; "
+          + (f"bad records so far: {bad}" if bad else "no bad records"))
+    if state_path:
+        atomic_write(state_path, json.dumps(loader.state_dict(), indent=1) + "\n")
+        print(f"state saved to {state_path}: the next run with --state continues at sample {loader.blocks}")
+    return 0
+
+
+def _fuse(args: argparse.Namespace) -> int:
+    from lmmkit.data.check import BadRecordCounter
+    from lmmkit.data.fuse_captions import CAPSFUSION_PROMPT, check_prompt, fuse_captions, iter_caption_pairs
+    from lmmkit.data.schema import DataError
+    from lmmkit.eval.backends.load import load_backend
+    from lmmkit.eval.cache import ResponseCache
+    from lmmkit.eval.judge import BackendJudge
+
+    out = Path(args.out)
+    counter = BadRecordCounter()
+    policy = "stop" if args.strict else "skip"
+    try:
+        prompt = check_prompt(Path(args.prompt_file).read_text(encoding="utf-8")) if args.prompt_file \
+            else CAPSFUSION_PROMPT
+        backend = load_backend(args.llm, text_only=True, api_key_env=args.api_key_env)
+        concurrency = args.concurrency or getattr(backend, "concurrency", 1)
+        cache = ResponseCache(Path(args.cache) if args.cache else out.with_name(out.name + ".cache.sqlite"))
+        llm = BackendJudge(backend, cache, concurrency=concurrency)
+        pairs = iter_caption_pairs(args.input, args.raw_field, args.synthetic_field, args.id_field, policy, counter)
+
+        def progress(report) -> None:
+            done = report.fused + report.failed
+            if done % args.progress_every == 0:
+                print(f"  {report.resumed_after + done} rows written", file=sys.stderr, flush=True)
+
+        report = fuse_captions(pairs, out, llm, prompt=prompt, temperature=args.temperature,
+                               max_new_tokens=args.max_new_tokens, concurrency=concurrency,
+                               on_llm_error=args.on_llm_error, limit=args.limit, counter=counter, progress=progress)
+    except (DataError, ValueError, OSError) as err:
+        return _fail(err)
+    print(f"{report.summary()}; {llm.calls} LLM calls, {cache.hits} answers from the cache")
+    return 0
+
+
 def _common(q: argparse.ArgumentParser) -> None:
     q.add_argument("source", help=SPEC_HELP)
     q.add_argument("--check", choices=["decode", "header", "none"],
@@ -125,3 +206,43 @@ def add_data_scale_parsers(data_subparsers) -> None:
     q.add_argument("--report", help="report JSON (default: <out>.dedup.json)")
     q.add_argument("--shard-size", type=int, default=1000, help="wds output: records per shard")
     q.set_defaults(func=_dedup)
+
+    q = data_subparsers.add_parser("mix", help="stream a weighted mixture of sources (deterministic by seed, "
+                                               "resumable): counts per source, or write the samples out")
+    q.add_argument("mixture", help="a mixture file (.yaml/.json: sources with weights) or inline "
+                                   "'[NAME=]WEIGHT*SPEC;...' (see docs/data.md)")
+    q.add_argument("--seed", type=int, default=0, help="orders the draws (the same seed gives the same samples)")
+    q.add_argument("--take", type=int, default=1000, help="how many samples")
+    q.add_argument("--out", help="write the samples: a .json/.jsonl file (LLaVA) or a shard folder")
+    q.add_argument("--to", choices=["llava-json", "wds"], help="output format (default: from --out's suffix)")
+    q.add_argument("--shard-size", type=int, default=1000, help="wds output: records per shard")
+    q.add_argument("--state", help="a JSON file: resume from it if it exists, save the position to it at the end")
+    q.add_argument("--workers", type=int, default=0, help="DataLoader worker processes (0: in this process); "
+                                                          "a saved state needs the same number")
+    q.add_argument("--show", type=int, default=10, help="without --out: print where the first N samples come from")
+    q.add_argument("--check", choices=["decode", "header", "none"],
+                   help="how hard to check images while reading (default: each spec's, else decode)")
+    q.add_argument("--strict", action="store_true", help="stop at the first bad record instead of skipping it")
+    q.set_defaults(func=_mix)
+
+    q = data_subparsers.add_parser("fuse-captions", help="CapsFusion: an LLM merges each raw alt-text with a "
+                                                         "synthetic caption (cached, resumable JSON lines)")
+    q.add_argument("input", help="JSON lines / JSON with the two captions per item, or wds:SHARDS")
+    q.add_argument("--llm", required=True, help="openai:<base URL>#<model> (any OpenAI-compatible endpoint) or a "
+                                                "local HF causal-LM folder")
+    q.add_argument("--out", required=True, help="output .jsonl; rerunning the same command resumes it")
+    q.add_argument("--raw-field", default="raw", help="the alt-text field (wds: default KEY.txt)")
+    q.add_argument("--synthetic-field", default="synthetic", help="the synthetic caption field")
+    q.add_argument("--id-field", default="id", help="JSON input: the item id field (default: the line number)")
+    q.add_argument("--prompt-file", help="a prompt with {raw} and {synthetic} (default: CapsFusion's)")
+    q.add_argument("--cache", help="SQLite answer cache (default: <out>.cache.sqlite)")
+    q.add_argument("--max-new-tokens", type=int, default=128)
+    q.add_argument("--temperature", type=float, default=0.0)
+    q.add_argument("--concurrency", type=int, help="requests in flight (default: the backend's: 8 for endpoints)")
+    q.add_argument("--api-key-env", default="OPENAI_API_KEY", help="environment variable holding the API key")
+    q.add_argument("--on-llm-error", choices=["stop", "record"], default="stop",
+                   help="stop (default: rerun resumes at that item) or record the row with fused = null")
+    q.add_argument("--limit", type=int, help="at most this many new items this run")
+    q.add_argument("--progress-every", type=int, default=1000, help="print progress every N rows")
+    q.add_argument("--strict", action="store_true", help="stop at the first item without both captions")
+    q.set_defaults(func=_fuse)
