@@ -163,6 +163,7 @@ def run_demo(s: DemoSettings) -> dict:
                        for task in TWIN_TASKS},
         "stages": [{"name": x.stage, "steps": x.steps, "final_loss": round(x.final_loss, 4),
                     "seconds": round(x.seconds, 1), "tokens_per_second": round(x.tokens_per_second),
+                    "data_share": round(x.data_share, 4),
                     "checkpoint": str(x.checkpoint)} for x in stages],
         "loss_curves": {x.stage: [[a, round(b, 4)] for a, b in x.losses] for x in stages},
         "timings": timings,
@@ -183,6 +184,8 @@ def run_demo(s: DemoSettings) -> dict:
     for m in conversation:
         print(f"  {m['role']:>9}: {m['content']}")
     print("\ntimings (s): " + ", ".join(f"{k} {v}" for k, v in timings.items()) + f"; total {wall}")
+    print("share of training time spent waiting for data: "
+          + ", ".join(f"{x.stage} {x.data_share:.1%}" for x in stages))
     print(f"report: {paths[1]}\nscores: {paths[0]}")
     return results
 

@@ -50,6 +50,10 @@ def test_a_few_steps_lower_the_loss(clip_vlm, encoded_samples, tiny_llama_dir, t
     lines = [json.loads(x) for x in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
     assert [x["step"] for x in lines] == list(range(1, 31))
     assert lines[-1]["loss"] == pytest.approx(losses[-1], abs=1e-4)
+    # The time spent building batches is measured: a share of the stage, growing with the steps.
+    shares = [x["data_share"] for x in lines]
+    assert 0 < shares[-1] < 1 and 0 < result.data_seconds < result.seconds
+    assert result.data_share == pytest.approx(result.data_seconds / result.seconds)
 
 
 def test_resume_continues_exactly(tiny_llama_dir, tiny_clip_dir, encoded_samples, tmp_path):

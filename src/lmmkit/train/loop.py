@@ -43,6 +43,12 @@ class StageResult:
     tokens_per_second: float
     checkpoint: Path | None
     losses: list[tuple[int, float]] = field(default_factory=list)
+    data_seconds: float = 0.0  # spent building batches (the step waits on them: they are made in this process)
+
+    @property
+    def data_share(self) -> float:
+        """Share of the stage's time the steps waited for their data."""
+        return self.data_seconds / max(1e-9, self.seconds)
 
 
 def batch_order(n_samples: int, batch_size: int, seed: int, epoch: int, lengths: list[int],
@@ -199,6 +205,7 @@ def run_stage(model: VisionLanguageModel, samples: list, *, stage: str, output_d
     micro = start_step * grad_accum  # micro-batches already consumed: resume continues the same order
     start = time.time()
     tokens_seen = 0
+    data_seconds = 0.0
     loss_value = float("nan")
     bar = tqdm(total=steps, initial=start_step, desc=stage, unit="step", disable=not (progress and accelerator.is_main_process))
     step = start_step
@@ -213,11 +220,13 @@ def run_stage(model: VisionLanguageModel, samples: list, *, stage: str, output_d
                     epoch_cache = {epoch: batch_order(len(samples), global_batch, seed, epoch, lengths,
                                                        group)}
                 ids = epoch_cache[epoch][index][rank::world]
+                fetch_start = time.perf_counter()
                 batch = objective.batch(model, [samples[i] for i in ids], cache, pad_id)
                 n_tokens = batch.pop("num_tokens", None)
                 n_tokens = int(batch["attention_mask"].sum()) if n_tokens is None else int(n_tokens)
                 units = loss_units(batch) if world > 1 and loss_units is not None else None
                 batch = {k: v.to(accelerator.device) if torch.is_tensor(v) else v for k, v in batch.items()}
+                data_seconds += time.perf_counter() - fetch_start
                 with accelerator.accumulate(wrapped), accelerator.autocast():
                     loss, extra = objective.loss(wrapped, batch)
                     if world > 1:  # one process: the loss is left exactly as the objective computed it
@@ -241,12 +250,14 @@ def run_stage(model: VisionLanguageModel, samples: list, *, stage: str, output_d
             bar.update(1)
             # The objective's first two metrics ride along (DPO: reward margin and accuracy).
             shown = {k: f"{v:.3f}" for k, v in list(window_extra.items())[:2]}
-            bar.set_postfix(loss=f"{loss_value:.4f}", **shown, tok_s=f"{rate:,.0f}")
+            elapsed = max(1e-9, time.time() - start)
+            bar.set_postfix(loss=f"{loss_value:.4f}", **shown, tok_s=f"{rate:,.0f}", data=f"{data_seconds / elapsed:.0%}")
             if accelerator.is_main_process and (step % log_every == 0 or step == steps):
                 metrics.write(json.dumps({"stage": stage, "step": step, "loss": round(loss_value, 5),
                                           **{k: round(v, 5) for k, v in window_extra.items()},
                                           "lr": scheduler.get_last_lr()[0], "tokens": tokens_seen,
                                           "tokens_per_second": round(rate, 1),
+                                          "data_share": round(data_seconds / elapsed, 4),
                                           "elapsed": round(time.time() - start, 2)}) + "\n")
                 metrics.flush()
             if save_every and step % save_every == 0 and step < steps:
@@ -256,7 +267,8 @@ def run_stage(model: VisionLanguageModel, samples: list, *, stage: str, output_d
     final = _save(accelerator, model, wrapped, parts, output_dir / f"checkpoint-{step}", config, stage, step, steps,
                   optimizer, scheduler)
     seconds = time.time() - start
-    return StageResult(stage, steps, seconds, loss_value, tokens_seen / max(1e-9, seconds), final, losses)
+    return StageResult(stage, steps, seconds, loss_value, tokens_seen / max(1e-9, seconds), final, losses,
+                       data_seconds)
 
 
 def _save(accelerator: Accelerator, model: VisionLanguageModel, wrapped: torch.nn.Module, parts: tuple[str, ...],
