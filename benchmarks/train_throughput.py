@@ -150,6 +150,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--n-train", type=int, default=400)
     ap.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "lmmkit-bench")
     ap.add_argument("--json", type=Path, default=None, help="also write the results here")
+    ap.add_argument("--compile", action="store_true",
+                    help="also time lmmkit with train.compile (the LLM's decoder layers through torch.compile)")
     args = ap.parse_args(argv)
     args.warmup = max(1, args.warmup)  # the timed window starts after a logged step
     if args.quick:
@@ -175,20 +177,25 @@ def main(argv: list[str] | None = None) -> dict:
         cache = FeatureCache()
         with bc.quiet():
             cache_seconds, _ = bc.timed(lambda s=samples, c=cache: c.fill(model, [im for x in s for im in x.images]))
-        runs: dict[str, list[dict]] = {"hf": [], "lmmkit": [], "lmmkit_packed": []}
+        variants = [(False, False, "lmmkit"), (True, False, "lmmkit_packed")]
+        if args.compile:
+            variants.append((False, True, "lmmkit_compiled"))
+        runs: dict[str, list[dict]] = {"hf": [], **{key: [] for _, _, key in variants}}
         loads = []
         for rep in range(args.repeats):
             loads.append(bc.load_now())
             seed = rep
             runs["hf"].append(hf_run(export, records, data / "images", stage, args.batch_size, args.steps,
                                      args.warmup, 1e-4, seed))
-            for packing, key in ((False, "lmmkit"), (True, "lmmkit_packed")):
+            for packing, compiled, key in variants:
                 runs[key].append(lmmkit_run(llm_dir, vision_dir, samples, cache, stage, args.batch_size, args.steps,
-                                            args.warmup, 1e-4, seed, packing, 512, args.work))
+                                            args.warmup, 1e-4, seed, packing, 512, args.work, compile_layers=compiled))
         loads.append(bc.load_now())
         summary = {k: {m: bc.median([r[m] for r in v]) for m in v[0]} for k, v in runs.items()}
         summary["ratio"] = summary["lmmkit"]["tokens_per_s"] / summary["hf"]["tokens_per_s"]
         summary["ratio_packed"] = summary["lmmkit_packed"]["tokens_per_s"] / summary["hf"]["tokens_per_s"]
+        if args.compile:
+            summary["ratio_compiled"] = summary["lmmkit_compiled"]["tokens_per_s"] / summary["hf"]["tokens_per_s"]
         summary["cache_fill_seconds"] = cache_seconds
         summary["same_input_ids"] = agreement
         summary["images"] = len(cache)
@@ -196,7 +203,7 @@ def main(argv: list[str] | None = None) -> dict:
         summary["runs"] = runs
         results["stages"][stage] = summary
         target = 1.5 if stage == "sft" else 3.0
-        for key in ("hf", "lmmkit", "lmmkit_packed"):
+        for key in ("hf", *(key for _, _, key in variants)):
             s = summary[key]
             rows.append((f"{stage} {key}", f"{s['tokens_per_s']:8.0f} tok/s   {s['tokens_per_step']:6.0f} tokens and "
                          f"{s['positions_per_step']:6.0f} positions per step"))
@@ -205,7 +212,8 @@ def main(argv: list[str] | None = None) -> dict:
                      f"{hf['tower_share']:.0%} frozen tower, the rest LLM + optimizer; input ids equal to lmmkit's "
                      f"for {agreement:.0%} of records"))
         rows.append((f"{stage} ratio lmmkit/hf", f"{summary['ratio']:.2f}x (target >= {target}x: "
-                     f"{'met' if summary['ratio'] >= target else 'MISSED'}); packed {summary['ratio_packed']:.2f}x"))
+                     f"{'met' if summary['ratio'] >= target else 'MISSED'}); packed {summary['ratio_packed']:.2f}x"
+                     + (f"; compiled {summary['ratio_compiled']:.2f}x" if args.compile else "")))
         step_seconds = summary["lmmkit"]["tokens_per_step"] / summary["lmmkit"]["tokens_per_s"]
         rows.append((f"{stage} feature cache", f"{cache_seconds:.2f} s once for {len(cache)} images "
                      f"(= {cache_seconds / step_seconds:.1f} lmmkit steps); load " + ", ".join(map(str, loads))))
