@@ -249,6 +249,11 @@ def build_parser() -> argparse.ArgumentParser:
     from lmmkit.data.shapes.attacks import add_attacks_parser
 
     add_attacks_parser(dsub)  # `lmmkit data attacks --data DIR [--sft N]`: attack twins, safety SFT data (docs/safety.md)
+    from lmmkit.data.poison import add_poison_parser
+    from lmmkit.data.scan import add_scan_parser
+
+    add_poison_parser(dsub)  # `lmmkit data poison SOURCE --trigger SPEC --ratio p --target T --out DIR`
+    add_scan_parser(dsub)  # `lmmkit data scan SOURCE --model M`: flag suspicious pairs (docs/safety.md)
     p.set_defaults(func=_data)
 
     p = sub.add_parser("train", help="train one stage from a YAML config")
@@ -311,6 +316,9 @@ def build_parser() -> argparse.ArgumentParser:
     from lmmkit.analysis.safety_study import add_safety_study_parser
 
     add_safety_study_parser(sub)  # `lmmkit safety-study`: the demo with and without safety SFT data (docs/safety.md)
+    from lmmkit.analysis.poison_cli import add_poison_study_parser
+
+    add_poison_study_parser(sub)  # `lmmkit poison-study --out DIR`: ImgTrojan vs. poison ratio (docs/safety.md)
 
     p = sub.add_parser("report", help="compare eval runs: a table per task and a plot (HTML)")
     p.add_argument("runs", nargs="+", help="eval output folders (or their results.json)")
