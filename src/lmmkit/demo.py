@@ -13,6 +13,7 @@ import io
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import torch
 
@@ -26,8 +27,9 @@ from lmmkit.eval.shapes import CONTROLS, TWIN_TASKS, evaluate_stage, pope_by_spl
 from lmmkit.eval.summary import format_benchmarks, format_stage_effects, headline
 from lmmkit.eval.task_stats import compare_runs
 from lmmkit.models.build import build_vlm, describe
+from lmmkit.models.vlm import VisionLanguageModel
 from lmmkit.train.features import FeatureCache, open_image
-from lmmkit.train.loop import run_stage
+from lmmkit.train.loop import StageResult, run_stage
 from lmmkit.train.run import load_samples
 
 
@@ -52,15 +54,33 @@ class DemoSettings:
     threads: int = 0  # 0 = torch's default
 
 
-def _config(s: DemoSettings, stage: str, llm: str, vision: str, data_file: Path, init_from: str | None) -> dict:
-    cfg = config_from_dict({
+class StageSettings(Protocol):
+    """What train_demo_stage reads of a run's settings (DemoSettings and the studies built on the demo)."""
+
+    seed: int
+    batch_size: int
+    align_steps: int
+    sft_steps: int
+    align_lr: float
+    sft_lr: float
+    warmup_ratio: float
+
+
+def train_demo_stage(model: VisionLanguageModel, s: StageSettings, stage: str, samples: list, data_file: Path,
+                     image_folder: Path, out_dir: Path, init_from: Path | str | None, cache: FeatureCache,
+                     source: str = "lmmkit demo", llm: str = "shipped:lm", vision: str = "shipped:vision",
+                     progress: bool = True) -> StageResult:
+    """One demo stage (align: bridge on captions; sft: bridge + LLM on conversations) in place on `model`,
+    with the frozen tower's cached features; the checkpoint's config says how it was made (`source`)."""
+    steps, lr = (s.align_steps, s.align_lr) if stage == "align" else (s.sft_steps, s.sft_lr)
+    cfg = config_to_dict(config_from_dict({
         "model": {"llm": llm, "vision": vision},
-        "data": {"train": str(data_file), "image_folder": str(s.out / "data" / "images")},
-        "train": {"stage": stage, "max_steps": s.align_steps if stage == "align" else s.sft_steps,
-                  "batch_size": s.batch_size, "lr": s.align_lr if stage == "align" else s.sft_lr,
-                  "seed": s.seed, "output_dir": str(s.out / stage), "init_from": init_from},
-    }, source="lmmkit demo")
-    return config_to_dict(cfg)
+        "data": {"train": str(data_file), "image_folder": str(image_folder)},
+        "train": {"stage": stage, "max_steps": steps, "batch_size": s.batch_size, "lr": lr, "seed": s.seed,
+                  "output_dir": str(out_dir), "init_from": str(init_from) if init_from else None},
+    }, source=source))
+    return run_stage(model, samples, stage=stage, output_dir=out_dir, config=cfg, batch_size=s.batch_size, lr=lr,
+                     max_steps=steps, seed=s.seed, cache=cache, warmup_ratio=s.warmup_ratio, progress=progress)
 
 
 def _data_uri(image) -> str:
@@ -110,20 +130,16 @@ def run_demo(s: DemoSettings) -> dict:
     t = lap("encode images", t)
 
     stages = []
-    align_cfg = _config(s, "align", llm, vision, data_dir / "train" / "captions.json", None)
-    r = run_stage(model, captions, stage="align", output_dir=s.out / "align", config=align_cfg,
-                  batch_size=s.batch_size, lr=s.align_lr, max_steps=s.align_steps, seed=s.seed, cache=cache,
-                  warmup_ratio=s.warmup_ratio)
+    r = train_demo_stage(model, s, "align", captions, data_dir / "train" / "captions.json", images, s.out / "align",
+                         None, cache, llm=llm, vision=vision)
     stages.append(r)
     t = lap("align", t)
     # Each stage's contribution, measured: POPE right after the bridge-only align stage.
     features = FeatureCache()  # the frozen tower's features of the benchmark images, shared by all evals
     after_align = evaluate_stage(model, bench, "after align", features=features)["model"]["pope"]
     t = lap("eval pope after align", t)
-    sft_cfg = _config(s, "sft", llm, vision, data_dir / "train" / "conversations.json", str(r.checkpoint))
-    r = run_stage(model, convs, stage="sft", output_dir=s.out / "sft", config=sft_cfg,
-                  batch_size=s.batch_size, lr=s.sft_lr, max_steps=s.sft_steps, seed=s.seed, cache=cache,
-                  warmup_ratio=s.warmup_ratio)
+    r = train_demo_stage(model, s, "sft", convs, data_dir / "train" / "conversations.json", images, s.out / "sft",
+                         r.checkpoint, cache, llm=llm, vision=vision)
     stages.append(r)
     t = lap("sft", t)
 

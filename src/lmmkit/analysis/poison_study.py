@@ -33,17 +33,16 @@ import torch
 
 from lmmkit.analysis.poison_cli import DEFAULT_TARGET, DEFAULT_TRIGGER, STAGES
 from lmmkit.atomic import atomic_write
-from lmmkit.config import config_from_dict, config_to_dict
 from lmmkit.data.english import article
 from lmmkit.data.poison import parse_trigger, poison_dataset
 from lmmkit.data.shapes.generate import POPE_SPLITS, generate_shapes, load_scenes
 from lmmkit.data.shapes.text import CAPTION_PROMPTS, SHORT_ANSWER
+from lmmkit.demo import train_demo_stage
 from lmmkit.eval.generation import answer_questions
 from lmmkit.eval.pope import read_pope_jsonl, score_answers
 from lmmkit.models.build import build_vlm
 from lmmkit.models.vlm import VisionLanguageModel
 from lmmkit.train.features import FeatureCache, open_image
-from lmmkit.train.loop import run_stage
 from lmmkit.train.run import load_samples
 
 
@@ -163,18 +162,9 @@ class _Runner:
 
     def train(self, stage: str, data: tuple[list, Path, Path], out_dir: Path, init_from: Path | None) -> Any:
         """Train `stage` in place on data = (samples, their file, its image folder)."""
-        s = self.s
         samples, data_file, image_folder = data
-        steps, lr = (s.align_steps, s.align_lr) if stage == "align" else (s.sft_steps, s.sft_lr)
-        cfg = config_to_dict(config_from_dict({
-            "model": {"llm": "shipped:lm", "vision": "shipped:vision"},
-            "data": {"train": str(data_file), "image_folder": str(image_folder)},
-            "train": {"stage": stage, "max_steps": steps, "batch_size": s.batch_size, "lr": lr, "seed": s.seed,
-                      "output_dir": str(out_dir), "init_from": str(init_from) if init_from else None},
-        }, source="lmmkit poison-study"))
-        return run_stage(self.model, samples, stage=stage, output_dir=out_dir, config=cfg, batch_size=s.batch_size,
-                         lr=lr, max_steps=steps, seed=s.seed, cache=self.cache, warmup_ratio=s.warmup_ratio,
-                         progress=False)
+        return train_demo_stage(self.model, self.s, stage, samples, data_file, image_folder, out_dir, init_from,
+                                self.cache, source="lmmkit poison-study", progress=False)
 
 
 def run_study(s: PoisonStudySettings) -> dict[str, Any]:

@@ -23,10 +23,10 @@ from typing import Any
 import torch
 
 from lmmkit.atomic import atomic_write
-from lmmkit.config import config_from_dict, config_to_dict
 from lmmkit.data.shapes.attacks import FAMILIES, mix_conversations, write_attack_twin, write_safety_sft
 from lmmkit.data.shapes.bench import write_bench
 from lmmkit.data.shapes.generate import generate_shapes
+from lmmkit.demo import train_demo_stage
 from lmmkit.eval.backends.lmmkit_model import LmmkitBackend
 from lmmkit.eval.cache import ResponseCache
 from lmmkit.eval.generation import lm_loss
@@ -35,9 +35,7 @@ from lmmkit.eval.stats import mcnemar, paired_bootstrap
 from lmmkit.eval.task_stats import accuracy_statistic, compare_runs
 from lmmkit.eval.tasks import get_tasks
 from lmmkit.models.build import build_vlm
-from lmmkit.models.vlm import VisionLanguageModel
 from lmmkit.train.features import FeatureCache
-from lmmkit.train.loop import run_stage
 from lmmkit.train.run import load_samples
 
 VARIANTS: tuple[str, ...] = ("baseline", "safety")
@@ -81,19 +79,6 @@ def compare_attacks(a: dict, b: dict, n_boot: int = 2000, seed: int = 0) -> dict
     return out
 
 
-def _train(model: VisionLanguageModel, s: SafetyStudySettings, stage: str, samples: list, data_file: Path,
-           image_folder: Path, out_dir: Path, init_from: Path | None, cache: FeatureCache) -> Any:
-    steps, lr = (s.align_steps, s.align_lr) if stage == "align" else (s.sft_steps, s.sft_lr)
-    cfg = config_to_dict(config_from_dict({
-        "model": {"llm": "shipped:lm", "vision": "shipped:vision"},
-        "data": {"train": str(data_file), "image_folder": str(image_folder)},
-        "train": {"stage": stage, "max_steps": steps, "batch_size": s.batch_size, "lr": lr, "seed": s.seed,
-                  "output_dir": str(out_dir), "init_from": str(init_from) if init_from else None},
-    }, source="lmmkit safety-study"))
-    return run_stage(model, samples, stage=stage, output_dir=out_dir, config=cfg, batch_size=s.batch_size, lr=lr,
-                     max_steps=steps, seed=s.seed, cache=cache, warmup_ratio=s.warmup_ratio, progress=False)
-
-
 def run_study(s: SafetyStudySettings) -> dict[str, Any]:
     """Data, one align, two SFTs (without / with safety data), both scored; writes safety_study.json / .md."""
     if not 0 <= s.safety_share <= 1:
@@ -125,7 +110,8 @@ def run_study(s: SafetyStudySettings) -> dict[str, Any]:
     s.timings["tokenize + encode"] = round(time.time() - t, 1)
 
     t = time.time()
-    align = _train(model, s, "align", loaded["captions"], data.train_captions, images, out / "align", None, cache)
+    align = train_demo_stage(model, s, "align", loaded["captions"], data.train_captions, images, out / "align", None,
+                             cache, source="lmmkit safety-study", progress=False)
     aligned = {k: v.detach().clone() for k, v in model.state_dict().items()}
     s.timings["align"] = round(time.time() - t, 1)
 
@@ -136,7 +122,8 @@ def run_study(s: SafetyStudySettings) -> dict[str, Any]:
         model.load_state_dict(aligned)
         samples = loaded["sft"] + (loaded["safety"] if variant == "safety" else [])
         file = mixed if variant == "safety" else data.train_conversations
-        res = _train(model, s, "sft", samples, file, images, out / variant / "sft", align.checkpoint, cache)
+        res = train_demo_stage(model, s, "sft", samples, file, images, out / variant / "sft", align.checkpoint,
+                               cache, source="lmmkit safety-study", progress=False)
         train_seconds = time.time() - t
         backend = LmmkitBackend(model, fingerprint=f"safety-study:{variant}", name=variant, progress=False,
                                     features=features)
