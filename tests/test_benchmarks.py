@@ -89,3 +89,19 @@ def test_gpu_mfu_quick_counts_flops_and_padding(work, capsys):
     assert flops == 6 * (1000 - 100 - head) * n + 6 * head * targets + 6 * 10 * 4 + 2 * 7 * 5
     assert attention == 6 * shape.layers * shape.hidden * n ** 2 + 4 * shape.vision_layers * shape.vision_hidden * 25
     assert "ratio lmmkit-mask/hf" in capsys.readouterr().out
+
+
+# The data benchmarks (docs/data.md): lmmkit's pixels equal the processor's; memory is measured at each checkpoint.
+def test_data_throughput_quick(tmp_path, capsys):
+    results = _script("data_throughput").main(["--quick", "--work", str(tmp_path), "--json", str(tmp_path / "t.json")])
+    assert results["same_pixels"] is True and results["checked"] >= 16
+    assert results["counts"]["plain"] == 64 and results["counts"]["lmmkit"] == 64
+    assert results["ratio"] > 0 and results["ratio_draft"] > 0 and results["draft_abs_diff"]["mean"] < 0.05
+    assert "ratio lmmkit/plain" in capsys.readouterr().out and (tmp_path / "t.json").exists()
+
+
+def test_data_memory_quick(tmp_path):
+    results = _script("data_memory").main(["--quick", "--work", str(tmp_path)])
+    assert [c["records"] for c in results["checkpoints"]] == [100, 1000, 4000]
+    assert all(c["peak_rss_mib"] > 0 for c in results["checkpoints"])
+    assert results["file_bytes"]["text-b.json"] > 1_000_000  # the JSON list really is streamed, not tiny
