@@ -21,8 +21,9 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/ruff check src tests
-	# Two workers with one torch thread each: on a busy 2-core machine two threads per process run far slower.
-	OMP_NUM_THREADS=1 $(BIN)/pytest -q -n 2
+	# Two workers with one torch thread each (on a busy 2-core machine two threads per process run far slower);
+	# worksteal: a worker that runs out takes queued tests from the one busy with the long demo test.
+	OMP_NUM_THREADS=1 $(BIN)/pytest -q -n 2 --dist worksteal
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests

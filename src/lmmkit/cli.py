@@ -96,6 +96,7 @@ def _train(args: argparse.Namespace) -> int:
     except ConfigError as err:
         print(f"config error:\n{err}", file=sys.stderr)
         return 2
+    from lmmkit.train.distributed import end_distributed
     from lmmkit.train.run import ModelBuildError
 
     try:
@@ -103,6 +104,8 @@ def _train(args: argparse.Namespace) -> int:
     except ModelBuildError as err:
         print(f"model error ({args.config}):\n{err}", file=sys.stderr)
         return 2
+    finally:
+        end_distributed()
     print(f"{result.stage}: {result.steps} steps, final loss {result.final_loss:.4f}, "
           f"{result.tokens_per_second:,.0f} tokens/s; checkpoint {result.checkpoint}")
     return 0

@@ -234,3 +234,6 @@ if __name__ == "__main__":  # the equivalence tests' worker: DATA IMAGES OUT PER
     if sys.argv[5:] == ["fsdp"]:
         _force_fsdp_on_cpu()
     _train_tiny(Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3]), int(sys.argv[4]))
+    from lmmkit.train.distributed import end_distributed
+
+    end_distributed()

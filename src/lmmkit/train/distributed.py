@@ -146,3 +146,11 @@ def gathered_model(full: dict[str, torch.Tensor], model: nn.Module, parts: tuple
                 tensors[name] = tensors[alias]
         out[part] = GatheredPart(tensors)
     return GatheredModel(out, model.tokenizer)
+
+
+def end_distributed() -> None:
+    """Tear down the process group once a distributed job is done. A rank that exits with gloo's threads still
+    running can abort ("terminate called without an active exception"), failing a run that trained fine."""
+    # No barrier: on an error path one rank may never reach it. The training loop's last checkpoint already waited.
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
