@@ -81,7 +81,7 @@ def varlen_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, 
 
     if cu_seq_lens_q is None or max_length_q is None:
         raise VarlenError(f"{VARLEN_ATTENTION} attention runs packed training rows only: the batch has no "
-                          "cu_seq_lens_q / max_length_q (use train/varlen.py's varlen_batch); load the model with "
+                          "cu_seq_lens_q / max_length_q (train.packing lays them out: varlen_layout); load the model with "
                           "attn_implementation='sdpa' to generate")
     if query.shape[0] != 1:
         raise VarlenError(f"{VARLEN_ATTENTION} attention takes one packed row, got a batch of {query.shape[0]}")
