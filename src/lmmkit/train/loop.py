@@ -246,11 +246,11 @@ def run_stage(model: VisionLanguageModel, samples: list, *, stage: str, output_d
             step += 1
             loss_value = window_loss
             losses.append((step, loss_value))
-            rate = tokens_seen / max(1e-9, time.time() - start)
+            elapsed = max(1e-9, time.time() - start)
+            rate = tokens_seen / elapsed
             bar.update(1)
             # The objective's first two metrics ride along (DPO: reward margin and accuracy).
             shown = {k: f"{v:.3f}" for k, v in list(window_extra.items())[:2]}
-            elapsed = max(1e-9, time.time() - start)
             bar.set_postfix(loss=f"{loss_value:.4f}", **shown, tok_s=f"{rate:,.0f}", data=f"{data_seconds / elapsed:.0%}")
             if accelerator.is_main_process and (step % log_every == 0 or step == steps):
                 metrics.write(json.dumps({"stage": stage, "step": step, "loss": round(loss_value, 5),
@@ -258,7 +258,7 @@ def run_stage(model: VisionLanguageModel, samples: list, *, stage: str, output_d
                                           "lr": scheduler.get_last_lr()[0], "tokens": tokens_seen,
                                           "tokens_per_second": round(rate, 1),
                                           "data_share": round(data_seconds / elapsed, 4),
-                                          "elapsed": round(time.time() - start, 2)}) + "\n")
+                                          "elapsed": round(elapsed, 2)}) + "\n")
                 metrics.flush()
             if save_every and step % save_every == 0 and step < steps:
                 _save(accelerator, model, wrapped, parts, output_dir / f"checkpoint-{step}", config, stage, step,
