@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import signal
 import subprocess
 import sys
-import tarfile
 import time
 from collections import Counter
 from pathlib import Path
@@ -17,6 +15,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from formats_helpers import encode, write_tar
 from lmmkit.data.mixture import MixtureLoader, choose, cumulative_weights
 from lmmkit.data.mixture_spec import MixtureError, MixtureSpec, parse_mixture, resolve_mixture_paths
 from lmmkit.data.schema import DataError
@@ -26,18 +25,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def _jpeg(seed: int) -> bytes:
     rng = np.random.default_rng(seed)
-    buf = io.BytesIO()
-    Image.fromarray(rng.integers(0, 256, (16, 24, 3), dtype=np.uint8)).save(buf, "JPEG", quality=90)
-    return buf.getvalue()
-
-
-def _tar(path: Path, members: list[tuple[str, bytes]]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tarfile.open(path, "w") as tar:
-        for name, data in members:
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
+    return encode(Image.fromarray(rng.integers(0, 256, (16, 24, 3), dtype=np.uint8)))
 
 
 def make_data(root: Path, n_shards: int = 4, per_shard: int = 6, n_text: int = 15, bad: bool = False) -> str:
@@ -49,7 +37,7 @@ def make_data(root: Path, n_shards: int = 4, per_shard: int = 6, n_text: int = 1
             key = f"{s:03d}{i:03d}"
             data = b"\xff\xd8\xff not really a jpeg" if bad and (s, i) == (1, 2) else _jpeg(s * 100 + i)
             members += [(f"{key}.jpg", data), (f"{key}.txt", f"caption {key}".encode())]
-        _tar(root / "shards" / f"{s:03d}.tar", members)
+        write_tar(root / "shards" / f"{s:03d}.tar", members)
     lines = [json.dumps({"id": f"t{i}", "conversations": [{"from": "human", "value": f"question {i}"},
                                                           {"from": "gpt", "value": f"answer {i}"}]})
              for i in range(n_text)]

@@ -1,5 +1,5 @@
 """Helpers that write small files in the real published layouts: img2dataset tar shards, base64 images,
-JSON lines. Imported by the tests in this folder (pytest puts the folder on sys.path)."""
+JSON lines. Imported by the data tests (tests/conftest.py puts this folder on sys.path)."""
 
 from __future__ import annotations
 
