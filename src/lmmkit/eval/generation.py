@@ -24,13 +24,19 @@ def prompt_ids(model: VisionLanguageModel, question: str, with_image: bool = Tru
 
     `image` (a path or PIL image) is needed only when the model's token count depends on the image's
     size (AnyRes); a fixed-count model expands to `tokens_per_image` without it."""
-    content = f"{IMAGE_TOKEN}\n{question}" if with_image else question
-    ids = encode_prompt(model.tokenizer, [Message("user", content)])
-    if not with_image:
-        return ids
-    if model.tokens_per_image is None and image is None:
+    if with_image and model.tokens_per_image is None and image is None:
         raise ValueError("this model's visual tokens depend on the image's size (AnyRes): pass image= to prompt_ids")
-    counts = model.tokens_per_image if model.tokens_per_image is not None else model.image_token_counts([image])
+    return images_prompt_ids(model, question, [image] if with_image else [])
+
+
+def images_prompt_ids(model: VisionLanguageModel, question: str, images: Sequence) -> list[int]:
+    """The generation prompt with one "<image>\n" per image, in order, then the question; every placeholder
+    expanded to its image's token count (a fixed-count model needs no image, only one entry per placeholder)."""
+    content = "\n".join([IMAGE_TOKEN] * len(images) + [question])
+    ids = encode_prompt(model.tokenizer, [Message("user", content)])
+    if not images:
+        return ids
+    counts = model.tokens_per_image if model.tokens_per_image is not None else model.image_token_counts(list(images))
     ids, _ = expand_image_tokens(ids, ids, model.image_token_id, counts)
     return ids
 
@@ -76,13 +82,7 @@ def generate_multi(model: VisionLanguageModel, requests: Sequence[tuple[Sequence
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         for b in range(0, len(order), batch_size):
             chunk = order[b:b + batch_size]
-            ids = []
-            for i in chunk:
-                images, question = requests[i]
-                prompt = encode_prompt(model.tokenizer, [Message("user", "\n".join([IMAGE_TOKEN] * len(images)
-                                                                                   + [question]))])
-                ids.append(expand_image_tokens(prompt, prompt, model.image_token_id,
-                                               model.image_token_counts(list(images)))[0])
+            ids = [images_prompt_ids(model, requests[i][1], requests[i][0]) for i in chunk]
             batch = pad_batch([(x, x) for x in ids], model.tokenizer.pad_token_id, side="left")
             images = [im for i in chunk for im in requests[i][0]]
             inputs = features.inputs(model, images) if images else {}
