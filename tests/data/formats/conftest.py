@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+
 from formats_helpers import encode, picture, sample_members, write_tar
 
 

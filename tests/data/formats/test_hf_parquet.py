@@ -7,8 +7,8 @@ import sys
 
 import numpy as np
 import pytest
-from formats_helpers import encode, picture
 
+from formats_helpers import encode, picture
 from lmmkit.data.check import REASON_CORRUPT_IMAGE, BadRecordCounter
 from lmmkit.data.formats.arxiv import read_arxivcap
 from lmmkit.data.formats.hf_datasets import parse_column_map, read_hf_folder

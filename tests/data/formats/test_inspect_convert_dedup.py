@@ -13,9 +13,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from formats_helpers import b64, encode, picture, sample_members, write_jsonl, write_tar
 from PIL import Image
 
+from formats_helpers import b64, encode, picture, sample_members, write_jsonl, write_tar
 from lmmkit.data.convert import convert_source
 from lmmkit.data.dedup import NearIndex, dhash, hamming
 from lmmkit.data.formats.llava import read_llava

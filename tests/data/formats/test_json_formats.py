@@ -7,9 +7,9 @@ import json
 
 import numpy as np
 import pytest
-from formats_helpers import b64, encode, picture, write_jsonl
 from PIL import Image
 
+from formats_helpers import b64, encode, picture, write_jsonl
 from lmmkit.data.check import REASON_CORRUPT_IMAGE, REASON_MALFORMED, REASON_MISSING_IMAGE, BadRecordCounter
 from lmmkit.data.formats.arxiv import read_arxivcap, read_arxivqa
 from lmmkit.data.formats.common import iter_json_items

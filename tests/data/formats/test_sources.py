@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 
 import pytest
-from formats_helpers import b64, picture, write_jsonl
 
+from formats_helpers import b64, picture, write_jsonl
 from lmmkit.data.check import BadRecordCounter
 from lmmkit.data.formats.webdataset import WebDatasetStream
 from lmmkit.data.schema import DataError

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from formats_helpers import encode, picture, sample_members, write_tar
 from PIL import Image
 
+from formats_helpers import encode, picture, sample_members, write_tar
 from lmmkit.data.check import REASON_CORRUPT_IMAGE, REASON_MISSING_IMAGE, BadRecordCounter
 from lmmkit.data.formats.webdataset import (
     CAPTION_PROMPTS,
