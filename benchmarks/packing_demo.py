@@ -25,7 +25,7 @@ def epoch_padding(lengths: list[int], batch_size: int, max_length: int, seed: in
     """Real tokens and computed positions per step over epoch 0, padded (lmmkit's length-grouped batches) and
     packed (plain-shuffled batches, pack_rows), as run_stage lays them out."""
     from lmmkit.data.collate import PAD_MULTIPLE
-    from lmmkit.train.loop import batch_order
+    from lmmkit.train.batches import batch_order
     from lmmkit.train.packing import pack_rows
 
     def width(n: int) -> int:

@@ -96,6 +96,7 @@ def _train(args: argparse.Namespace) -> int:
     except ConfigError as err:
         print(f"config error:\n{err}", file=sys.stderr)
         return 2
+    from lmmkit.data.schema import DataError
     from lmmkit.train.distributed import end_distributed
     from lmmkit.train.run import ModelBuildError
 
@@ -103,6 +104,9 @@ def _train(args: argparse.Namespace) -> int:
         result = train_from_config(cfg, resume=args.resume)
     except ModelBuildError as err:
         print(f"model error ({args.config}):\n{err}", file=sys.stderr)
+        return 2
+    except DataError as err:  # data.bad_records=stop, or a stream that cannot go on; checkpoints so far are kept
+        print(f"data error: {err}", file=sys.stderr)
         return 2
     finally:
         end_distributed()

@@ -28,6 +28,7 @@ from typing import Any, Literal
 
 import yaml
 
+from lmmkit.data.mixture_spec import resolve_mixture_paths
 from lmmkit.spec_checks import model_problems, packing_problems
 from lmmkit.specs import SHIPPED_LM, SHIPPED_VISION, Config, DataSpec, ModelSpec, TrainSpec
 
@@ -214,6 +215,9 @@ class _Raw:
             value = self.values[section].get(key)
             if isinstance(value, str) and value.strip():
                 self.values[section][key] = _resolve(value, base, model=dotted in _MODEL_PATH_KEYS)
+        mixture = self.values["data"].get("mixture")
+        if isinstance(mixture, str) and mixture.strip() and (keys is None or "data.mixture" in keys):
+            self.values["data"]["mixture"] = resolve_mixture_paths(mixture, base)
 
     def add_override(self, text: str, cwd: Path) -> None:
         if "=" not in text:
@@ -280,6 +284,7 @@ class _Raw:
         for key, message in packing_problems(cfg) if not {"train.packing", "train.stage", "model.llm"} & bad else ():
             self.error(self.origin(key), message)
         t = cfg.train
+        self._check_mixture(cfg, bad)
         if {"train.stage", "train.train_vision_tower", "train.cache_vision_features"} & bad:
             return
         if t.lora_rank and t.stage not in ("sft", "dpo") and "train.lora_rank" not in bad:
@@ -304,6 +309,28 @@ class _Raw:
                 self.error(self.origin("train.cache_vision_features"),
                            "train.cache_vision_features: true needs a frozen vision tower (cached features go stale "
                            f"once the tower changes), but {why}; set train.cache_vision_features=false")
+
+    def _check_mixture(self, cfg: Config, bad: set[str]) -> None:
+        """A mixture replaces data.train, streams without end, and has no fixed image list to cache."""
+        d, t = cfg.data, cfg.train
+        if not d.mixture or {"data.mixture", "train.stage"} & bad:
+            return
+        if d.train:
+            self.error(self.origin("data.mixture"), "data.mixture and data.train are both set: a run trains on one of "
+                       "them; unset data.train (a LLaVA file can be one source of the mixture: 'llava:FILE@IMAGES')")
+        if t.stage == "dpo":
+            self.error(self.origin("data.mixture"), "data.mixture: stage 'dpo' reads a preference file (data.train), "
+                       "not a mixture of conversation sources")
+        if not t.max_steps and "train.max_steps" not in bad:
+            self.error(self.origin("train.max_steps"), "train.max_steps: a data mixture streams without end, so "
+                       "give the number of steps (train.max_steps > 0); train.epochs has no meaning for it")
+        if t.cache_vision_features:
+            if "cache_vision_features" not in self.values["train"]:
+                t.cache_vision_features = False  # the default: a stream has no fixed set of images to cache
+            else:
+                self.error(self.origin("train.cache_vision_features"), "train.cache_vision_features: true needs the "
+                           "whole image set up front, but data.mixture streams it; set train.cache_vision_features="
+                           "false (the data workers decode and preprocess instead)")
 
     def _check_model(self, m: ModelSpec, bad: set[str]) -> None:
         """Architecture choices that cannot go together, caught before anything is loaded (spec_checks)."""

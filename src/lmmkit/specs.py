@@ -65,9 +65,14 @@ class ModelSpec:
 
 @dataclass
 class DataSpec:
-    """Which conversation files (LLaVA JSON / JSON lines) and images to read."""
+    """Which conversation files (LLaVA JSON / JSON lines) and images to read; or, instead of `train`, a
+    weighted mixture of sources streamed by `workers` processes (stages align / sft / full; train.max_steps)."""
 
     train: str | None = None
+    # a mixture file (.yaml/.json) or inline "0.7*wds:shards/{0..9}.tar;0.3*llava:x.json@images"
+    # (lmmkit.data.mixture_spec); seeded by train.seed; resumes exactly from a checkpoint
+    mixture: str | None = None
+    workers: int = field(default=2, metadata=_GE0)  # mixture only: data worker processes (0 = this process)
     image_folder: str | None = None
     eval: str | None = None
     max_length: int = field(default=512, metadata=_GT0)  # tokens per sample, image tokens included

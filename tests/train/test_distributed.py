@@ -112,7 +112,8 @@ def _rank_units(data: Path, images: Path) -> list[list[int]]:
     """Labelled targets of rank 0 and rank 1 in each micro-batch of the run (the order run_stage uses)."""
     from lmmkit.data.collate import pad_batch
     from lmmkit.models.build import build_vlm
-    from lmmkit.train.loop import batch_order, labelled_targets
+    from lmmkit.train.batches import batch_order
+    from lmmkit.train.loop import labelled_targets
     from lmmkit.train.run import load_samples
 
     model = build_vlm("shipped:lm", "shipped:vision", seed=SEED)

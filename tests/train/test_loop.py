@@ -10,6 +10,7 @@ import torch
 
 from lmmkit.config import Config, ModelSpec, TrainSpec, config_to_dict
 from lmmkit.models.build import build_vlm
+from lmmkit.train.batches import batch_order
 from lmmkit.train.checkpoint import (
     CONFIG_FILE,
     OPTIMIZER_FILE,
@@ -20,7 +21,7 @@ from lmmkit.train.checkpoint import (
     read_state,
 )
 from lmmkit.train.features import FeatureCache
-from lmmkit.train.loop import batch_order, make_batch, run_stage
+from lmmkit.train.loop import make_batch, run_stage
 
 FP32 = {"precision": "fp32", "progress": False, "log_every": 1}
 

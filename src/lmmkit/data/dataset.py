@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from lmmkit.data.check import REASON_TOO_LONG, BadRecordCounter, BadRecordPolicy, data_error
 from lmmkit.data.collate import expand_image_tokens, fit_to_length
@@ -18,6 +19,10 @@ class EncodedSample:
     labels: list[int]
     images: list = field(default_factory=list)  # image paths (or PIL images), one per <image>
     where: str = ""
+    # Set by a streaming data worker (train/batches.SampleEncoder): the images already preprocessed by the
+    # tower (`VisionTower.preprocess`), and their (height, width) when the token count depends on the size.
+    pixels: Any = None
+    image_sizes: list[tuple[int, int]] | None = None
 
 
 ImageTokens = int | Callable[[Sequence, str], list[int]]

@@ -9,9 +9,9 @@ gradient is the one a single process would compute on the whole global batch (tr
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import json
-import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +28,7 @@ from lmmkit.data.dataset import EncodedSample
 from lmmkit.data.templates import IGNORE_INDEX
 from lmmkit.models.lora import has_lora
 from lmmkit.models.vlm import VisionLanguageModel
+from lmmkit.train.batches import BatchSource, EpochBatches, StreamBatches
 from lmmkit.train.checkpoint import latest_checkpoint, load_trained_parts, read_state, save_checkpoint
 from lmmkit.train.distributed import fsdp_plugin, gathered_model, sync_loss
 from lmmkit.train.features import FeatureCache, open_image
@@ -49,21 +50,6 @@ class StageResult:
     def data_share(self) -> float:
         """Share of the stage's time the steps waited for their data."""
         return self.data_seconds / max(1e-9, self.seconds)
-
-
-def batch_order(n_samples: int, batch_size: int, seed: int, epoch: int, lengths: list[int],
-                group: int = 32) -> list[list[int]]:
-    """Deterministic batches for one epoch: shuffle, sort by length within groups of `group` batches
-    (less padding), then shuffle the batches. A function of (seed, epoch) only, so resume is exact."""
-    g = torch.Generator().manual_seed(seed * 1000 + epoch)
-    perm = torch.randperm(n_samples, generator=g).tolist()
-    batches: list[list[int]] = []
-    chunk = batch_size * group
-    for i in range(0, n_samples, chunk):
-        block = sorted(perm[i:i + chunk], key=lambda j: lengths[j])
-        batches += [block[k:k + batch_size] for k in range(0, len(block), batch_size)]
-    order = torch.randperm(len(batches), generator=g).tolist()
-    return [batches[k] for k in order if len(batches[k]) == batch_size or len(batches) == 1]
 
 
 class Objective(Protocol):
@@ -133,6 +119,12 @@ def make_batch(model: VisionLanguageModel, samples: list[EncodedSample], cache: 
 def image_inputs(model: VisionLanguageModel, samples: list[EncodedSample], cache: FeatureCache | None) -> dict:
     """The model's image arguments for these samples' images, in sample order (the order their placeholders
     take in the batch): cached tower features, or pixels; plus image_sizes for AnyRes. Empty without images."""
+    if samples and all(s.pixels is not None or not s.images for s in samples) and any(
+            s.pixels is not None for s in samples):  # preprocessed by stream workers: stack them
+        out = {"pixel_values": torch.cat([s.pixels for s in samples if s.pixels is not None])}
+        if model.variable_tokens:
+            out["image_sizes"] = [size for s in samples for size in (s.image_sizes or [])]
+        return out
     images = [im for s in samples for im in s.images]
     if not images:
         return {}
@@ -145,14 +137,15 @@ def image_inputs(model: VisionLanguageModel, samples: list[EncodedSample], cache
     return out
 
 
-def run_stage(model: VisionLanguageModel, samples: list, *, stage: str, output_dir: Path,
+def run_stage(model: VisionLanguageModel, samples: list | StreamBatches, *, stage: str, output_dir: Path,
               config: dict, batch_size: int = 16, grad_accum: int = 1, lr: float = 1e-3, max_steps: int = 0,
               epochs: float = 1.0, warmup_ratio: float = 0.03, weight_decay: float = 0.0,
               max_grad_norm: float = 1.0, precision: str = "bf16", seed: int = 0, save_every: int = 0,
               log_every: int = 10, train_vision_tower: bool = False, cache: FeatureCache | None = None,
               resume: bool = False, progress: bool = True, objective: Objective | None = None) -> StageResult:
     """Train `model` in place on `samples` for one stage; checkpoints go to output_dir/checkpoint-<step>.
-    `objective` defaults to the LM loss (`LMObjective`); samples are whatever it batches. An objective may set
+    `objective` defaults to the LM loss (`LMObjective`); samples are whatever it batches, as a list (epochs in
+    `batch_order`) or a `StreamBatches` (a data mixture, streamed; train/batches.py). An objective may set
     `length_group` (batch_order's group; 1 = plain shuffle) and put the real token count of a batch under
     "num_tokens" when its attention mask is not the 2D padding mask (packing, train/packing.py)."""
     objective = objective or LMObjective()
@@ -174,13 +167,12 @@ def run_stage(model: VisionLanguageModel, samples: list, *, stage: str, output_d
 
     world, rank = accelerator.num_processes, accelerator.process_index
     loss_units = getattr(objective, "loss_units", None)
-    lengths = [objective.length(s) for s in samples]
-    group = getattr(objective, "length_group", 32)
-    global_batch = batch_size * world
-    batches_per_epoch = len(samples) // global_batch
-    if batches_per_epoch == 0:
-        raise ValueError(f"{len(samples)} samples are fewer than one batch of {global_batch}")
-    steps = max_steps or max(1, math.ceil(epochs * batches_per_epoch / grad_accum))
+    if isinstance(samples, StreamBatches):
+        batches: BatchSource = samples
+    else:
+        batches = EpochBatches(samples, batch_size * world, seed, [objective.length(s) for s in samples],
+                               getattr(objective, "length_group", 32))
+    steps = batches.steps(max_steps, epochs, grad_accum)
 
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
@@ -191,7 +183,9 @@ def run_stage(model: VisionLanguageModel, samples: list, *, stage: str, output_d
         opt_state = torch.load(ckpt / "optimizer.pt", weights_only=False)
         optimizer.load_state_dict(opt_state["optimizer"])
         scheduler.load_state_dict(opt_state["scheduler"])
-        start_step = read_state(ckpt)["step"]
+        saved = read_state(ckpt)
+        start_step = saved["step"]
+        batches.load_state_dict(saved.get("data"))
         if accelerator.is_main_process:
             print(f"resuming {stage} from {ckpt} at step {start_step}/{steps}")
     wrapped, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
@@ -209,19 +203,13 @@ def run_stage(model: VisionLanguageModel, samples: list, *, stage: str, output_d
     loss_value = float("nan")
     bar = tqdm(total=steps, initial=start_step, desc=stage, unit="step", disable=not (progress and accelerator.is_main_process))
     step = start_step
-    epoch_cache: dict[int, list[list[int]]] = {}
-    with metrics_path.open("a") as metrics:
+    with metrics_path.open("a") as metrics, contextlib.closing(batches):
         while step < steps:
             window_loss = 0.0
             window_extra: dict[str, float] = {}
             for _ in range(grad_accum):
-                epoch, index = divmod(micro, batches_per_epoch)
-                if epoch not in epoch_cache:
-                    epoch_cache = {epoch: batch_order(len(samples), global_batch, seed, epoch, lengths,
-                                                       group)}
-                ids = epoch_cache[epoch][index][rank::world]
                 fetch_start = time.perf_counter()
-                batch = objective.batch(model, [samples[i] for i in ids], cache, pad_id)
+                batch = objective.batch(model, batches.get(micro, rank, world), cache, pad_id)
                 n_tokens = batch.pop("num_tokens", None)
                 n_tokens = int(batch["attention_mask"].sum()) if n_tokens is None else int(n_tokens)
                 units = loss_units(batch) if world > 1 and loss_units is not None else None
@@ -262,17 +250,19 @@ def run_stage(model: VisionLanguageModel, samples: list, *, stage: str, output_d
                 metrics.flush()
             if save_every and step % save_every == 0 and step < steps:
                 _save(accelerator, model, wrapped, parts, output_dir / f"checkpoint-{step}", config, stage, step,
-                      steps, optimizer, scheduler)
+                      steps, optimizer, scheduler, batches.state_dict())
+        data_state = batches.state_dict()
     bar.close()
     final = _save(accelerator, model, wrapped, parts, output_dir / f"checkpoint-{step}", config, stage, step, steps,
-                  optimizer, scheduler)
+                  optimizer, scheduler, data_state)
     seconds = time.time() - start
     return StageResult(stage, steps, seconds, loss_value, tokens_seen / max(1e-9, seconds), final, losses,
                        data_seconds)
 
 
 def _save(accelerator: Accelerator, model: VisionLanguageModel, wrapped: torch.nn.Module, parts: tuple[str, ...],
-          path: Path, config: dict, stage: str, step: int, steps: int, optimizer, scheduler) -> Path | None:
+          path: Path, config: dict, stage: str, step: int, steps: int, optimizer, scheduler,
+          data_state: dict | None) -> Path | None:
     accelerator.wait_for_everyone()
     source: Any = model
     if accelerator.distributed_type == DistributedType.FSDP:
@@ -282,4 +272,6 @@ def _save(accelerator: Accelerator, model: VisionLanguageModel, wrapped: torch.n
     if not accelerator.is_main_process:
         return None
     state = {"stage": stage, "step": step, "total_steps": steps}
+    if data_state is not None:  # a stream's position: --resume continues with exactly the next samples
+        state["data"] = data_state
     return save_checkpoint(path, source, parts, config, state, optimizer, scheduler)

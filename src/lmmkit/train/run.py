@@ -9,10 +9,12 @@ from lmmkit.data.check import BadRecordCounter
 from lmmkit.data.dataset import EncodedSample, ImageTokens, encode_records
 from lmmkit.data.formats.llava import read_llava
 from lmmkit.data.formats.preference import read_preferences
+from lmmkit.data.mixture_spec import parse_mixture
 from lmmkit.data.preference import EncodedPair, encode_preferences
 from lmmkit.models.build import build_from_spec
 from lmmkit.models.lora import add_lora
 from lmmkit.models.vlm import VisionLanguageModel
+from lmmkit.train.batches import SampleEncoder, StreamBatches
 from lmmkit.train.checkpoint import load_model
 from lmmkit.train.compiled import compile_decoder_layers
 from lmmkit.train.dpo import DPOObjective, DPOSettings
@@ -56,10 +58,11 @@ def load_preference_pairs(model: VisionLanguageModel, path: str | Path, image_fo
 
 def train_from_config(cfg: Config, resume: bool = False) -> StageResult:
     t = cfg.train
-    if not cfg.data.train:
+    if not (cfg.data.train or cfg.data.mixture):
         what = "a preference file (chosen/rejected pairs or VLFeedback)" if t.stage == "dpo" else \
             "a LLaVA JSON / JSONL file"
-        raise ValueError(f"data.train is not set: name {what} to train on")
+        raise ValueError(f"data.train is not set: name {what} to train on" +
+                         ("" if t.stage == "dpo" else ", or a mixture of sources as data.mixture"))
     try:
         model = load_model(t.init_from) if t.init_from else build_from_spec(cfg.model, seed=t.seed)
     except ValueError as err:  # parts that do not fit the chosen architecture: say so before any data is read
@@ -84,13 +87,15 @@ def train_from_config(cfg: Config, resume: bool = False) -> StageResult:
         settings = DPOSettings(beta=t.dpo_beta, loss_type=t.dpo_loss, sft_weight=t.dpo_sft_weight,
                                reference=t.dpo_reference)
         objective = DPOObjective(model, settings, tower_frozen=not t.trains_vision_tower)
+    elif cfg.data.mixture:
+        samples = stream_batches(model, cfg)
     else:
         samples, counter = load_samples(model, cfg.data.train, cfg.data.image_folder, cfg.data.max_length,
                                         cfg.data.bad_records)
         print(f"{cfg.data.train}: {len(samples)} samples; {counter.summary()}")
     frozen_tower = "vision" not in trainable_parts(t.stage, t.train_vision_tower)
     cache = None
-    if t.cache_vision_features and frozen_tower:
+    if t.cache_vision_features and frozen_tower and isinstance(samples, list):
         cache = FeatureCache()
         cache.fill(model, [im for s in samples for im in s.images])
     result = run_stage(
@@ -101,4 +106,21 @@ def train_from_config(cfg: Config, resume: bool = False) -> StageResult:
         train_vision_tower=t.train_vision_tower, cache=cache, resume=resume, objective=objective,
     )
     model.llm.set_attn_implementation(attention)  # varlen attention cannot generate: hand back the model as built
+    if isinstance(samples, StreamBatches):
+        bad = samples.bad_records()
+        print(f"mixture: {t.max_steps * t.batch_size * t.grad_accum} samples streamed; bad records skipped: "
+              + (", ".join(f"{n} {reason}" for reason, n in bad.items()) or "none"))
     return result
+
+
+def stream_batches(model: VisionLanguageModel, cfg: Config) -> StreamBatches:
+    """data.mixture as global batches: `data.workers` processes read, decode, preprocess and tokenize."""
+    from accelerate import PartialState
+
+    spec = parse_mixture(cfg.data.mixture, seed=cfg.train.seed)
+    encoder = SampleEncoder(model.tokenizer, model.image_token_id, image_tokens(model), cfg.data.max_length,
+                            model.vision.preprocess, model.variable_tokens)
+    world = PartialState().num_processes
+    names = ", ".join(f"{s.name} ({s.weight:g})" for s in spec.sources)
+    print(f"mixture of {len(spec.sources)} sources: {names}; seed {spec.seed}, {cfg.data.workers} workers")
+    return StreamBatches(spec, encoder, cfg.train.batch_size * world, cfg.data.workers, cfg.data.bad_records)
