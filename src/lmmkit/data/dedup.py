@@ -11,12 +11,14 @@
 
 The first record with an image wins; later ones are reported and (unless report-only) dropped. A
 record's key is its images' hashes in order; near matching applies to single-image records.
-Records without images pass through. Caption filters look at the assistant text's length in characters.
+Records without images pass through. Caption filters look at the assistant text: its length in characters,
+and (`languages`) the language it is in (lmmkit.data.language; dropped records counted by language).
 """
 
 from __future__ import annotations
 
 import hashlib
+from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -26,6 +28,7 @@ from PIL import Image
 
 from lmmkit.data.check import BadRecordCounter, BadRecordPolicy
 from lmmkit.data.image_ref import open_image
+from lmmkit.data.language import LanguageFilter
 from lmmkit.data.schema import ConversationRecord, DataError
 
 HASH_BITS = 64
@@ -93,6 +96,7 @@ class DedupReport:
     near: int = 0
     too_short: int = 0
     too_long: int = 0
+    wrong_language: Counter[str] = field(default_factory=Counter)  # dropped by the language filter, by language
     dropped: bool = True
     pairs: list[dict[str, Any]] = field(default_factory=list)
     counter: BadRecordCounter = field(default_factory=BadRecordCounter)
@@ -100,18 +104,21 @@ class DedupReport:
     def as_dict(self) -> dict[str, Any]:
         return {"records_in": self.n_in, "records_kept": self.n_kept, "exact_duplicates": self.exact,
                 "near_duplicates": self.near, "caption_too_short": self.too_short, "caption_too_long": self.too_long,
-                "duplicates_dropped": self.dropped, "bad_records": self.counter.as_dict(),
+                "language_dropped": dict(self.wrong_language.most_common()), "duplicates_dropped": self.dropped, "bad_records": self.counter.as_dict(),
                 "pairs": self.pairs, "pairs_truncated": len(self.pairs) >= MAX_REPORTED_PAIRS}
 
     def summary(self) -> str:
         verb = "dropped" if self.dropped else "found (kept: report only)"
+        languages = ", ".join(f"{n} {lang}" for lang, n in self.wrong_language.most_common())
         return (f"{self.n_in} records in, {self.n_kept} kept; duplicates {verb}: {self.exact} exact, {self.near} near; "
-                f"caption filter dropped {self.too_short} too short, {self.too_long} too long; {self.counter.summary()}")
+                f"caption filter dropped {self.too_short} too short, {self.too_long} too long"
+                + (f", by language {languages}" if languages else "") + f"; {self.counter.summary()}")
 
 
 def dedup_records(records: Iterable[ConversationRecord], report: DedupReport, *, near: bool = False,
                   threshold: int = 4, min_chars: int | None = None, max_chars: int | None = None,
-                  drop: bool = True, policy: BadRecordPolicy = "skip") -> Iterator[ConversationRecord]:
+                  languages: LanguageFilter | None = None, drop: bool = True,
+                  policy: BadRecordPolicy = "skip") -> Iterator[ConversationRecord]:
     """Filter a record stream, filling `report` as it goes (complete once the stream is exhausted).
 
     Memory grows with the number of distinct images (a 16-byte hash each, plus the band tables with
@@ -130,12 +137,16 @@ def dedup_records(records: Iterable[ConversationRecord], report: DedupReport, *,
 
     for record in records:
         report.n_in += 1
-        chars = sum(len(m.content.strip()) for m in record.messages if m.role == "assistant")
+        answer = "\n".join(m.content.strip() for m in record.messages if m.role == "assistant")
+        chars = len(answer) - answer.count("\n")
         if min_chars is not None and chars < min_chars:
             report.too_short += 1
             continue
         if max_chars is not None and chars > max_chars:
             report.too_long += 1
+            continue
+        if languages is not None and (why := languages.verdict(answer)) is not None:
+            report.wrong_language[why] += 1
             continue
         try:
             decoded = [open_image(img, record.where) for img in record.images]

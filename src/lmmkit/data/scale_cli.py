@@ -65,6 +65,7 @@ def _dedup(args: argparse.Namespace) -> int:
     from lmmkit.atomic import atomic_write
     from lmmkit.data.convert import write_records
     from lmmkit.data.dedup import DedupReport, dedup_records
+    from lmmkit.data.language import LanguageFilter
     from lmmkit.data.schema import DataError
     from lmmkit.data.sources import open_source
 
@@ -72,12 +73,13 @@ def _dedup(args: argparse.Namespace) -> int:
     policy = "stop" if args.strict else "skip"
     report = DedupReport()
     try:
+        languages = LanguageFilter(args.lang.split(","), args.min_lang_prob) if args.lang else None
         records = open_source(args.source, policy=policy, counter=report.counter, check=args.check)
         kept = dedup_records(records, report, near=args.near, threshold=args.threshold, min_chars=args.min_chars,
-                             max_chars=args.max_chars, drop=not args.report_only, policy=policy)
+                             max_chars=args.max_chars, languages=languages, drop=not args.report_only, policy=policy)
         written = write_records(kept, _target_for(out, args.to), out, shard_size=args.shard_size, policy=policy,
                                 counter=report.counter)
-    except (DataError, ValueError) as err:
+    except (DataError, ValueError, ImportError) as err:
         return _fail(err)
     report_path = Path(args.report) if args.report else out.with_name(out.name + ".dedup.json")
     atomic_write(report_path, json.dumps(report.as_dict(), indent=1) + "\n")
@@ -202,6 +204,10 @@ def add_data_scale_parsers(data_subparsers) -> None:
     q.add_argument("--threshold", type=int, default=4, help="--near: at most this many differing bits (of 64)")
     q.add_argument("--min-chars", type=int, help="drop records whose answer text is shorter")
     q.add_argument("--max-chars", type=int, help="drop records whose answer text is longer")
+    q.add_argument("--lang", help="keep only answers in these languages (ISO 639-1 codes, comma-separated: en,de); "
+                                  "detected with langid")
+    q.add_argument("--min-lang-prob", type=float, default=0.5,
+                   help="--lang: below this probability the language counts as undetermined (dropped)")
     q.add_argument("--report-only", action="store_true", help="report duplicates but keep them")
     q.add_argument("--report", help="report JSON (default: <out>.dedup.json)")
     q.add_argument("--shard-size", type=int, default=1000, help="wds output: records per shard")

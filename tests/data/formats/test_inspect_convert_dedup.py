@@ -171,6 +171,33 @@ def test_dedup_command_drops_duplicates_and_filters_captions(tmp_path, capsys):
     assert report["records_kept"] == 7 and report["exact_duplicates"] == 2 and not report["duplicates_dropped"]
 
 
+def test_dedup_language_filter_keeps_the_asked_languages(tmp_path, capsys):
+    """M3IT-style multilingual answers: --lang en,de keeps English and German, drops the rest by language and
+    the texts too short to tell as undetermined; every count is in the report."""
+    captions = {"en1": "A red bicycle is leaning against a brick wall near the station.",
+                "en2": "Two children are playing football on a sunny afternoon in the park.",
+                "de": "Ein kleiner Hund schläft auf dem Sofa neben dem Fenster.",
+                "fr": "Une femme lit un livre dans un café au bord de la rivière.",
+                "zh": "一只猫坐在窗台上看着外面的雨。",
+                "ru": "Мальчик держит красный воздушный шар на улице.",
+                "short": "ok"}
+    members = []
+    for i, (key, text) in enumerate(captions.items()):
+        members += sample_members(key, text, encode(picture(10 + i, (32, 24)), "PNG"))
+    write_tar(tmp_path / "m" / "000.tar", members)
+    out = tmp_path / "kept.jsonl"
+    assert _cli(["data", "dedup", f"wds:{tmp_path / 'm' / '000.tar'}", "--out", str(out), "--lang", "en,de"]) == 0
+    kept = [r.id for r in read_llava(out, tmp_path / "kept_images")]
+    assert kept == ["en1", "en2", "de"]
+    report = json.loads((tmp_path / "kept.jsonl.dedup.json").read_text())
+    assert report["language_dropped"] == {"fr": 1, "zh": 1, "ru": 1, "undetermined": 1}
+    assert "by language" in capsys.readouterr().out
+    # An unknown code is refused up front, naming it.
+    assert _cli(["data", "dedup", f"wds:{tmp_path / 'm' / '000.tar'}", "--out", str(tmp_path / "x.jsonl"),
+                 "--lang", "en,xx"]) == 2
+    assert "unknown language code(s) xx" in capsys.readouterr().err
+
+
 def test_inspect_and_convert_commands(tmp_path, capsys):
     spec, _ = _shards(tmp_path)
     assert _cli(["data", "inspect", spec, "--out", str(tmp_path / "insp"), "--tokenizer", "none", "--limit", "3"]) == 0
