@@ -14,7 +14,7 @@ def _pretrain(args: argparse.Namespace) -> int:
     if args.part == "lm":
         from lmmkit.train.pretrain_lm import pretrain_lm
 
-        r = pretrain_lm(out, steps=args.steps or 3000, seed=args.seed)
+        r = pretrain_lm(out, steps=args.steps or 1500, seed=args.seed)
         scores = {"existence_f1_symbolic_heldout": round(r.existence_f1, 4), "final_loss": round(r.final_loss, 4),
                   "steps": r.steps, "seconds": round(r.seconds, 1), **r.false_yes}
     else:

@@ -49,7 +49,7 @@ class DemoSettings:
     llm: str = "shipped:lm"
     vision: str = "shipped:vision"
     from_scratch: bool = False  # pretrain the LM and tower first, instead of using llm / vision
-    lm_pretrain_steps: int = 3000
+    lm_pretrain_steps: int = 1500
     vision_pretrain_steps: int = 1200
     threads: int = 0  # 0 = torch's default
 

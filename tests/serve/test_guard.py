@@ -40,7 +40,7 @@ LIMITS = ServeLimits(max_tokens=64, default_max_tokens=24, batch_window_ms=20)
 RULES = """\
 # weapons in what the user asks; a word the tiny model says to "What is in the picture?" in what it answers
 [input] weapons: \\bbomb\\b
-[output] leak: \\bwritten\\b
+[output] leak: \\btriangle\\b
 [image-text] secrets: password
 """
 CLEAN = ("Is there a blue square in the image?", "red")
@@ -121,7 +121,7 @@ def test_clean_requests_pass_unchanged_and_flagged_input_and_output_are_refused(
 
     want = ask(plain, *CLEAN)
     got = ask(guarded, *CLEAN)
-    assert "written" not in want.choices[0].message.content
+    assert "triangle" not in want.choices[0].message.content
     assert (got.choices[0].message, got.choices[0].finish_reason, got.usage) == \
         (want.choices[0].message, want.choices[0].finish_reason, want.usage)
     text, finish, chunks = streamed(guarded, *CLEAN, stream_options={"include_usage": True})
@@ -135,8 +135,8 @@ def test_clean_requests_pass_unchanged_and_flagged_input_and_output_are_refused(
     assert_refused(refused, "input", ["weapons"])
     assert refused.usage.completion_tokens == 0 and server.batcher.stats()["batches"] == batches  # never generated
 
-    # The tiny model answers "There is written ..." here: the output rule holds the answer back.
-    assert "written" in ask(plain, *FLAGGED_OUTPUT).choices[0].message.content
+    # The tiny model answers "orange triangle." here: the output rule holds the answer back.
+    assert "triangle" in ask(plain, *FLAGGED_OUTPUT).choices[0].message.content
     refused = ask(guarded, *FLAGGED_OUTPUT)
     assert_refused(refused, "output", ["leak"])
     assert refused.usage.completion_tokens > 0

@@ -32,3 +32,24 @@ def test_symbolic_documents_tell_the_scene_then_ask():
     msgs = symbolic_conversation(rng, world, world.sample_scene(rng, "s", held_out=False))
     assert msgs[0].role == "user" and msgs[0].content.startswith("scene: ")
     assert [m.role for m in msgs] == ["user", "assistant"] * (len(msgs) // 2)
+
+
+def test_the_scene_names_each_object_with_one_token_of_the_shipped_lm():
+    """The symbolic scene gives one token per object (as the image gives one token per object cell) and the
+    shipped LM's tokenizer has every one of them; questions still name the object in words."""
+    import random
+
+    from transformers import AutoTokenizer
+
+    from lmmkit.data.shapes.text import OBJECT_TOKENS, symbolic_scene
+    from lmmkit.models.parts import PARTS_DIR
+
+    world = World()
+    scene = world.sample_scene(random.Random(3), "s", held_out=False, min_objects=3)
+    text = symbolic_scene(scene)
+    assert text.startswith("scene: " + OBJECT_TOKENS[scene.names[0]])
+    tok = AutoTokenizer.from_pretrained(PARTS_DIR / "lm")
+    for name, token in OBJECT_TOKENS.items():
+        assert tok.tokenize(token) == [token], name  # one token, not pieces
+        assert token in tok.tokenize(f"scene: {token}, x"), name  # kept whole inside a scene too
+    assert len(set(OBJECT_TOKENS.values())) == 64

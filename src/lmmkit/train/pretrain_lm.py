@@ -1,10 +1,10 @@
 """Pretrain the tiny ShapesWorld language model, text only.
 
-The LM reads symbolic scene descriptions ("scene: red circle, blue square; text DOG.") where the
-VLM will later see the image, followed by the same kinds of questions and answers the VLM is
-fine-tuned on (mostly "is there a <colour> <shape>?"). So before it ever sees an image, the LM
-knows how to answer about a scene it is told; the bridge then has to make image features read
-like that description. Measured here: an untrained LM inside the VLM binds question words to
+The LM reads symbolic scene descriptions ("scene: <red_circle>, <blue_square>; text DOG.": one token per
+object, as the VLM gets one image token per object cell) where the VLM will later see the image,
+followed by the same kinds of questions and answers the VLM is fine-tuned on (mostly "is there a
+<colour> <shape>?"). So before it ever sees an image, the LM knows how to answer about a scene it is
+told; the bridge then has to make image features read like that description. Measured here: an untrained LM inside the VLM binds question words to
 image tokens far too slowly for a minutes-long demo. See docs/parts.md for what was tried.
 """
 
@@ -21,7 +21,13 @@ from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from lmmkit.data.collate import pad_batch
 from lmmkit.data.schema import Message
-from lmmkit.data.shapes.text import QUESTION_KINDS, SYMBOLIC_QUESTION_KINDS, conversation, symbolic_scene
+from lmmkit.data.shapes.text import (
+    OBJECT_TOKENS,
+    QUESTION_KINDS,
+    SYMBOLIC_QUESTION_KINDS,
+    conversation,
+    symbolic_scene,
+)
 from lmmkit.data.shapes.world import Scene, World
 from lmmkit.data.templates import encode_conversation, encode_prompt
 from lmmkit.models.tokenizer import train_tokenizer
@@ -115,7 +121,7 @@ def existence_f1(model: LlamaForCausalLM, tok: PreTrainedTokenizerFast, world: W
     return 2 * tp / max(1, 2 * tp + fp + fn)
 
 
-def pretrain_lm(out: Path, steps: int = 3000, batch_size: int = 64, lr: float = 2e-3, seed: int = 0,
+def pretrain_lm(out: Path, steps: int = 1500, batch_size: int = 64, lr: float = 2e-3, seed: int = 0,
                 vocab_size: int = 768, eval_every: int = 250) -> LMPretrainResult:
     """Train tokenizer + LM on symbolic ShapesWorld text; save an HF folder (model + tokenizer)."""
     world = World()
@@ -124,6 +130,7 @@ def pretrain_lm(out: Path, steps: int = 3000, batch_size: int = 64, lr: float = 
     tok_docs = [symbolic_conversation(rng, world, world.sample_scene(rng, f"t{k}", held_out=False))
                 for k in range(3000)]
     tok = train_tokenizer(_chat_texts(tok_docs), vocab_size=vocab_size)
+    tok.add_tokens(list(OBJECT_TOKENS.values()))  # one token per object in the symbolic scenes
     model = LlamaForCausalLM(tiny_lm_config(len(tok), tok.pad_token_id, tok.eos_token_id))
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.05)

@@ -37,12 +37,19 @@ def detailed_caption(scene: Scene) -> str:
     return text
 
 
+# One token per object class ("<blue_diamond>"), for the LM's symbolic scenes: the VLM sees an object as one
+# image token (its cell), never as two words, and an LM that reads each object as one token learns to bind a
+# question's colour and shape to it far better (held-out existence F1 0.990 against 0.915 for the same 1,500
+# steps on the two-word list: docs/parts.md). The pretrained LM's tokenizer adds these tokens.
+OBJECT_TOKENS: dict[str, str] = {name: f"<{name.replace(' ', '_')}>" for name in CLASSES}
+
+
 def symbolic_scene(scene: Scene) -> str:
-    """What the text-only LM sees where the VLM sees the image: the plain object list (the same
-    words as the short caption the bridge is aligned on) and any rendered word. Positions are left
-    out: the LM that read them learned existence far worse (docs/parts.md has the measurements)."""
+    """What the text-only LM sees where the VLM sees the image: the object list, one `OBJECT_TOKENS` token per
+    object, and any rendered word. Positions are left out: the LM that read them learned existence far worse
+    (docs/parts.md has the measurements). Questions and answers still name objects in words."""
     text = f"; text {scene.text}" if scene.text else ""
-    return f"scene: {', '.join(scene.names)}{text}."
+    return f"scene: {', '.join(OBJECT_TOKENS[name] for name in scene.names)}{text}."
 
 
 def _absent_object(rng: random.Random, world: World, scene: Scene) -> str:
