@@ -38,14 +38,15 @@ def test_demo_small_writes_report_and_scores(tmp_path: Path) -> None:
 def test_demo_reads_the_image(tmp_path: Path) -> None:
     """The README's `make demo` reads the image: high POPE F1 on held-out images, a balanced
     yes-ratio, and a blind control (blank images) at chance accuracy. The foundation issue's
-    targets are F1 >= 0.95 and yes-ratio in [0.45, 0.55]; measured here F1 0.945 / 0.953 / 0.914
-    and yes-ratio 0.529 / 0.520 / 0.563 (docs/results.md), so this guards the level reached."""
+    targets are F1 >= 0.95 and yes-ratio in [0.45, 0.55]; measured here F1 0.973 / 0.967 / 0.962
+    and yes-ratio 0.482 / 0.488 / 0.493 (docs/results.md; identical on one and two threads). The F1
+    bound leaves 0.01 for another CPU's bf16 kernels taking another training trajectory."""
     # One thread: make test runs two workers on two cores (the demo scored the same with one and two threads, docs/results.md).
     results = run_demo(DemoSettings(out=tmp_path / "demo", threads=1))
     for split in ("random", "popular", "adversarial"):
         m = results["pope"]["model"][split]["strict"]
-        assert m["f1"] >= 0.90, (split, m)
-        assert 0.45 <= m["yes_ratio"] <= 0.60, (split, m)
+        assert m["f1"] >= 0.94, (split, m)
+        assert 0.45 <= m["yes_ratio"] <= 0.55, (split, m)
         for control in ("blind control (blank image)", "no image"):
             blind = results["pope"][control][split]["strict"]
             assert abs(blind["accuracy"] - 0.5) <= 0.06, (control, split, blind)

@@ -41,7 +41,7 @@ class DemoSettings:
     n_test: int = 600
     n_pope_images: int = 300
     align_steps: int = 100
-    sft_steps: int = 400
+    sft_steps: int = 500
     batch_size: int = 64
     align_lr: float = 2e-3
     sft_lr: float = 2e-3
