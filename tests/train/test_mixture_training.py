@@ -62,6 +62,7 @@ def test_mixture_training_resumes_exactly_although_workers_read_ahead(tiny_llama
     assert main(["train", "--config", str(config)]) == 0
     out = capsys.readouterr().out
     assert "mixture of 2 sources: caps (0.5), chat (0.5); seed 5, 2 workers" in out
+    assert "mixture: 24 samples streamed in all; bad records skipped: none" in out
     run1 = tmp_path / "run1"
     state3 = read_state(run1 / "checkpoint-3")
     # 3 steps x 4 samples = 3 blocks handed out; the 2 workers had prefetched more, which the state ignores.

@@ -108,7 +108,7 @@ def train_from_config(cfg: Config, resume: bool = False) -> StageResult:
     model.llm.set_attn_implementation(attention)  # varlen attention cannot generate: hand back the model as built
     if isinstance(samples, StreamBatches):
         bad = samples.bad_records()
-        print(f"mixture: {t.max_steps * t.batch_size * t.grad_accum} samples streamed; bad records skipped: "
+        print(f"mixture: {samples.consumed * samples.global_batch} samples streamed in all; bad records skipped: "
               + (", ".join(f"{n} {reason}" for reason, n in bad.items()) or "none"))
     return result
 
