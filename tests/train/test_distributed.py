@@ -7,8 +7,6 @@ runs `_train_tiny` on every process (see the bottom)."""
 from __future__ import annotations
 
 import json
-import os
-import socket
 import subprocess
 import sys
 import time
@@ -16,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from launch_helpers import cpu_env, launch_cmd
 from safetensors.torch import load_file
 
 from lmmkit.data.shapes.generate import generate_shapes
@@ -25,33 +24,15 @@ ROOT = Path(__file__).parents[2]
 STEPS, GLOBAL_BATCH, GRAD_ACCUM, SEED = 4, 4, 2, 0
 
 
-def _free_port() -> int:
-    # accelerate's default port 29500 would collide with any other launch on this machine (parallel CI jobs).
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _launch(n: int, *args: str) -> list[str]:
-    # Not `--cpu`: accelerate 1.15 then starts ONE process (several CPU processes only through mpirun). The
-    # torchrun launcher behind --multi_gpu starts n, and ACCELERATE_USE_CPU (_env) makes them gloo CPU ranks.
-    return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(n),
-            "--num_machines", "1", "--main_process_port", str(_free_port()), *args]
-
-
-def _env() -> dict[str, str]:
-    return {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-
-
 @pytest.mark.slow
 def test_accelerate_launch_two_cpu_processes(tmp_path: Path) -> None:
     data = generate_shapes(tmp_path / "data", seed=1, n_train=64, n_test=8, n_pope_images=2, workers=1,
                            progress=False)
     out = tmp_path / "run"
-    cmd = _launch(2, "-m", "lmmkit.cli", "train", "--config", str(ROOT / "configs" / "demo.yaml"),
+    cmd = launch_cmd(2, "-m", "lmmkit.cli", "train", "--config", str(ROOT / "configs" / "demo.yaml"),
                   "train.stage=align", "train.max_steps=3", "train.batch_size=8", f"train.output_dir={out}",
                   f"data.train={data.train_captions}", f"data.image_folder={data.image_folder}")
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=_env())
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=cpu_env())
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (out / "checkpoint-3" / "bridge.safetensors").exists()
     state = json.loads((out / "checkpoint-3" / "trainer_state.json").read_text())
@@ -134,7 +115,7 @@ def one_process(tmp_path_factory) -> tuple[list[str], Path]:
     # The case DDP's plain average gets wrong: a mean over each rank's tokens, unequal counts.
     assert all(a != b for a, b in units), units
     proc = subprocess.run([sys.executable, str(Path(__file__)), *data, str(root / "one"), str(GLOBAL_BATCH)],
-                          capture_output=True, text=True, timeout=300, env=_env())
+                          capture_output=True, text=True, timeout=300, env=cpu_env())
     assert proc.returncode == 0, proc.stderr[-3000:]
     return data, root / "one"
 
@@ -142,7 +123,7 @@ def one_process(tmp_path_factory) -> tuple[list[str], Path]:
 def _launch_two(data: list[str], out: Path, *mode: str, env: dict[str, str] | None = None) -> float:
     start = time.time()
     args = [str(Path(__file__)), *data, str(out), str(GLOBAL_BATCH // 2), *mode]
-    proc = subprocess.run(_launch(2, *args), capture_output=True, text=True, timeout=300, env=env or _env())
+    proc = subprocess.run(launch_cmd(2, *args), capture_output=True, text=True, timeout=300, env=env or cpu_env())
     assert proc.returncode == 0, proc.stderr[-3000:]
     return time.time() - start
 
@@ -186,7 +167,7 @@ def test_fsdp_two_processes_train_what_one_process_trains(one_process, tmp_path:
     """The same with FSDP2 (one unit per decoder layer and vision stage, from fsdp_wrap_classes): the weights
     really are sharded over the 2 ranks, and the gathered checkpoint equals the single-process one."""
     data, one = one_process
-    env = {**_env(), "ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2"}
+    env = {**cpu_env(), "ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2"}
     launched = _launch_two(data, tmp_path / "fsdp", "fsdp", env=env)
     _compare(one, tmp_path / "fsdp", "FSDP2", launched)
     params = json.loads((tmp_path / "fsdp" / "params.json").read_text())

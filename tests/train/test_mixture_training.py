@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import yaml
+from launch_helpers import cpu_env, launch_cmd
 from PIL import Image
 from safetensors.torch import load_file
 
@@ -127,3 +129,30 @@ def test_mixture_config_errors_say_what_to_change(tmp_path):
     assert f"llava:{Path.cwd() / 'chat.json'}@{Path.cwd() / 'images'}" in cfg.data.mixture
     (tmp_path / "c.yaml").write_text(yaml.safe_dump({"data": {"mixture": mixture}, "train": {"max_steps": 2}}))
     assert f"llava:{tmp_path / 'chat.json'}@{tmp_path / 'images'}" in load_config(tmp_path / "c.yaml").data.mixture
+
+
+@pytest.mark.slow
+def test_two_processes_stream_the_mixture_one_process_trains_on(tmp_path):
+    """`accelerate launch` on 2 gloo ranks, each streaming the global batch and keeping its half: the same losses
+    and weights as one process with the whole batch (fp32; the ranks' losses weighted by their labelled tokens)."""
+    mixture = _write_mixture_data(tmp_path / "data")
+    model = {"llm": "shipped:lm", "vision": "shipped:vision"}
+    runs = {}
+    for n, per_rank in ((1, 4), (2, 2)):
+        out = tmp_path / f"n{n}"
+        config = tmp_path / f"n{n}.yaml"
+        config.write_text(yaml.safe_dump({
+            "model": model, "data": {"mixture": mixture, "workers": 2, "max_length": 128},
+            "train": {"stage": "sft", "batch_size": per_rank, "max_steps": 3, "lr": 2e-3, "warmup_ratio": 0.0,
+                      "precision": "fp32", "seed": 1, "log_every": 1, "output_dir": str(out)}}))
+        argv = ["-m", "lmmkit.cli", "train", "--config", str(config)]
+        cmd = launch_cmd(n, *argv) if n > 1 else [launch_cmd(1)[0], *argv]
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=cpu_env())
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert "mixture: 12 samples streamed in all" in proc.stdout
+        runs[n] = out
+    assert _losses(runs[2]) == pytest.approx(_losses(runs[1]), rel=1e-5)
+    for part in ("bridge", "llm"):
+        a, b = (load_file(runs[n] / "checkpoint-3" / f"{part}.safetensors") for n in (1, 2))
+        for name in a:
+            torch.testing.assert_close(b[name], a[name], rtol=1e-4, atol=1e-5, msg=f"{part}: {name}")

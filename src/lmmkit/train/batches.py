@@ -101,9 +101,10 @@ class StreamBatches:
     the samples a single process would (each rank decodes the whole global batch: simple, and correct;
     the decode cost is per rank, not divided)."""
 
-    def __init__(self, spec: MixtureSpec, encoder: SampleEncoder, global_batch: int, num_workers: int,
+    def __init__(self, spec: MixtureSpec, encoder: SampleEncoder, batch_size: int, num_workers: int,
                  policy: BadRecordPolicy = "skip") -> None:
-        self.spec, self.encoder, self.global_batch = spec, encoder, global_batch
+        self.spec, self.encoder, self.batch_size = spec, encoder, batch_size  # per process
+        self.global_batch = batch_size  # x the number of processes, known once the loop asks for a batch
         self.num_workers, self.policy = num_workers, policy
         self.state: dict[str, Any] | None = None
         self.loader: MixtureLoader | None = None
@@ -123,6 +124,7 @@ class StreamBatches:
 
     def get(self, micro: int, rank: int, world: int) -> list:
         if self._it is None:
+            self.global_batch = self.batch_size * world
             self._open()
             self.consumed = micro
         if micro != self.consumed:

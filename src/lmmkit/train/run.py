@@ -115,12 +115,11 @@ def train_from_config(cfg: Config, resume: bool = False) -> StageResult:
 
 def stream_batches(model: VisionLanguageModel, cfg: Config) -> StreamBatches:
     """data.mixture as global batches: `data.workers` processes read, decode, preprocess and tokenize."""
-    from accelerate import PartialState
-
     spec = parse_mixture(cfg.data.mixture, seed=cfg.train.seed)
     encoder = SampleEncoder(model.tokenizer, model.image_token_id, image_tokens(model), cfg.data.max_length,
                             model.vision.preprocess, model.variable_tokens)
-    world = PartialState().num_processes
     names = ", ".join(f"{s.name} ({s.weight:g})" for s in spec.sources)
     print(f"mixture of {len(spec.sources)} sources: {names}; seed {spec.seed}, {cfg.data.workers} workers")
-    return StreamBatches(spec, encoder, cfg.train.batch_size * world, cfg.data.workers, cfg.data.bad_records)
+    # Per process: the loop multiplies by the number of processes. (Asking accelerate here would create its
+    # process state before the Accelerator does, and every rank of a launch would then run as a single process.)
+    return StreamBatches(spec, encoder, cfg.train.batch_size, cfg.data.workers, cfg.data.bad_records)
