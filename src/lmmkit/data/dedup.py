@@ -104,7 +104,8 @@ class DedupReport:
     def as_dict(self) -> dict[str, Any]:
         return {"records_in": self.n_in, "records_kept": self.n_kept, "exact_duplicates": self.exact,
                 "near_duplicates": self.near, "caption_too_short": self.too_short, "caption_too_long": self.too_long,
-                "language_dropped": dict(self.wrong_language.most_common()), "duplicates_dropped": self.dropped, "bad_records": self.counter.as_dict(),
+                "language_dropped": dict(self.wrong_language.most_common()), "duplicates_dropped": self.dropped,
+                "bad_records": self.counter.as_dict(),
                 "pairs": self.pairs, "pairs_truncated": len(self.pairs) >= MAX_REPORTED_PAIRS}
 
     def summary(self) -> str:
@@ -137,15 +138,15 @@ def dedup_records(records: Iterable[ConversationRecord], report: DedupReport, *,
 
     for record in records:
         report.n_in += 1
-        answer = "\n".join(m.content.strip() for m in record.messages if m.role == "assistant")
-        chars = len(answer) - answer.count("\n")
+        answers = [m.content.strip() for m in record.messages if m.role == "assistant"]
+        chars = sum(len(a) for a in answers)
         if min_chars is not None and chars < min_chars:
             report.too_short += 1
             continue
         if max_chars is not None and chars > max_chars:
             report.too_long += 1
             continue
-        if languages is not None and (why := languages.verdict(answer)) is not None:
+        if languages is not None and (why := languages.verdict("\n".join(answers))) is not None:
             report.wrong_language[why] += 1
             continue
         try:
