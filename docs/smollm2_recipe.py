@@ -104,7 +104,8 @@ def main() -> None:
             "model": {"llm": llm, "vision": "shipped:vision"},
             "data": {"train": str(data / "train" / file), "image_folder": str(images)},
             "train": {"stage": stage, "max_steps": steps, "batch_size": a.batch_size, "lr": lr,
-                      "output_dir": str(a.out / stage), "init_from": init_from}}, source="smollm2 recipe"))
+                      "output_dir": str(a.out / stage), "init_from": init_from}}, source="smollm2 recipe",
+            base=Path.cwd()))
 
     stages = []
     r = run_stage(model, captions, stage="align", output_dir=a.out / "align", batch_size=a.batch_size,

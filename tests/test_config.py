@@ -185,6 +185,17 @@ def test_relative_paths_resolve_against_the_yaml_folder(tmp_path: Path, monkeypa
     assert load_config(None, ["model.llm=shipped:lm"]).model.llm == "shipped:lm"
 
 
+def test_config_from_dict_resolves_against_a_given_base(tmp_path: Path) -> None:
+    d = {"model": {"llm": "shipped:lm", "vision": "openai/clip-vit-large-patch14-336"},
+         "data": {"train": "data/train.json"}, "train": {"init_from": "runs/align", "output_dir": "runs/sft"}}
+    assert config_from_dict(d).train.init_from == "runs/align"  # no base: as given
+    cfg = config_from_dict(d, base=tmp_path)
+    assert cfg.train.init_from == str(tmp_path / "runs" / "align")
+    assert cfg.data.train == str(tmp_path / "data" / "train.json")
+    assert (cfg.model.llm, cfg.model.vision) == ("shipped:lm", "openai/clip-vit-large-patch14-336")
+    assert cfg.train.output_dir == "runs/sft"
+
+
 @pytest.mark.parametrize("name", ["demo.yaml", "hf-example.yaml"])
 def test_example_configs_load(name: str) -> None:
     cfg = load_config(REPO / "configs" / name)

@@ -8,11 +8,15 @@ from pathlib import Path
 import pytest
 
 from lmmkit.demo import DemoSettings, run_demo
+from lmmkit.train.checkpoint import checkpoint_chain, load_model
 
 
-def test_demo_small_writes_report_and_scores(tmp_path: Path) -> None:
-    """A minutes-scale demo shrunk to seconds: every artefact is written and well formed."""
-    s = DemoSettings(out=tmp_path / "demo", n_train=128, n_test=24, n_pope_images=8, align_steps=2, sft_steps=3,
+def test_demo_small_writes_report_and_scores(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A minutes-scale demo shrunk to seconds: every artefact is written and well formed. Its output folder
+    is given relative to the working directory, as `make demo` does, and the SFT checkpoint loads from
+    another one (its init_from chain holds absolute paths)."""
+    monkeypatch.chdir(tmp_path)
+    s = DemoSettings(out=Path("demo"), n_train=128, n_test=24, n_pope_images=8, align_steps=2, sft_steps=3,
                      batch_size=16, threads=1)
     results = run_demo(s)
     saved = json.loads((tmp_path / "demo" / "report" / "results.json").read_text())
@@ -31,6 +35,12 @@ def test_demo_small_writes_report_and_scores(tmp_path: Path) -> None:
     assert "<svg" in page and "What each stage changed" in page and "Benchmark twins" in page
     assert [x["name"] for x in results["stages"]] == ["align", "sft"]
     assert (tmp_path / "demo" / "sft" / "checkpoint-3" / "llm.safetensors").exists()
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    chain, _ = checkpoint_chain(tmp_path / "demo" / "sft")
+    assert chain == [tmp_path / "demo" / "sft" / "checkpoint-3", tmp_path / "demo" / "align" / "checkpoint-2"]
+    load_model(tmp_path / "demo" / "sft")
     assert len(results["sample"]["conversation"]) == 8
 
 

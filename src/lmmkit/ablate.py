@@ -215,7 +215,7 @@ def _stage_config(s: AblateSettings, section: dict, stage: str, ds: ShapesDatase
         "train": {"stage": stage, "max_steps": s.align_steps if align else s.sft_steps, "batch_size": s.batch_size,
                   "lr": s.align_lr if align else s.sft_lr, "warmup_ratio": s.warmup_ratio, "seed": s.seed,
                   "output_dir": str(work / stage), "init_from": str(init_from) if init_from else None},
-    }, source="lmmkit ablate")
+    }, source="lmmkit ablate", base=Path.cwd())
     return config_to_dict(cfg)
 
 

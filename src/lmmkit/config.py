@@ -355,13 +355,17 @@ def _resolve(value: str, base: Path, model: bool) -> str:
     return os.path.abspath(base / path)
 
 
-def config_from_dict(d: Mapping[str, Any] | None, source: str = "<dict>") -> Config:
+def config_from_dict(d: Mapping[str, Any] | None, source: str = "<dict>", base: Path | None = None) -> Config:
     """Build and validate a Config from {"model": {...}, "data": {...}, "train": {...}} (each optional).
 
-    Paths are taken as given (no resolution). `source` names the origin in error messages.
+    `source` names the origin in error messages. With `base`, relative input paths resolve against it by
+    load_config's rule (code that trains passes the working directory, so a checkpoint's `init_from`
+    chain loads from anywhere, as the CLI's do); without, paths are taken as given.
     """
     raw = _Raw(source)
     raw.add_mapping(d)
+    if base is not None:
+        raw.resolve_paths(Path(base).absolute())
     return raw.build()
 
 

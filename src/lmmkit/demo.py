@@ -78,7 +78,7 @@ def train_demo_stage(model: VisionLanguageModel, s: StageSettings, stage: str, s
         "data": {"train": str(data_file), "image_folder": str(image_folder)},
         "train": {"stage": stage, "max_steps": steps, "batch_size": s.batch_size, "lr": lr, "seed": s.seed,
                   "output_dir": str(out_dir), "init_from": str(init_from) if init_from else None},
-    }, source=source))
+    }, source=source, base=Path.cwd()))
     return run_stage(model, samples, stage=stage, output_dir=out_dir, config=cfg, batch_size=s.batch_size, lr=lr,
                      max_steps=steps, seed=s.seed, cache=cache, warmup_ratio=s.warmup_ratio, progress=progress)
 
