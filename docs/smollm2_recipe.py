@@ -32,6 +32,7 @@ from lmmkit.eval.tasks import get_tasks
 from lmmkit.models.build import build_vlm, describe
 from lmmkit.models.fetch import fetch_model
 from lmmkit.models.lora import add_lora
+from lmmkit.train.checkpoint import load_model
 from lmmkit.train.features import FeatureCache
 from lmmkit.train.loop import run_stage
 from lmmkit.train.run import load_samples
@@ -62,17 +63,19 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, default=Path("runs/smollm2"))
     ap.add_argument("--n-train", type=int, default=2000)
-    ap.add_argument("--n-test", type=int, default=100)
-    ap.add_argument("--n-pope-images", type=int, default=60)
-    ap.add_argument("--align-steps", type=int, default=100)
+    ap.add_argument("--n-test", type=int, default=300)
+    ap.add_argument("--n-pope-images", type=int, default=150)
+    ap.add_argument("--align-steps", type=int, default=300)
     ap.add_argument("--sft-steps", type=int, default=200)
     ap.add_argument("--batch-size", type=int, default=16)
-    ap.add_argument("--align-lr", type=float, default=1e-3)
-    ap.add_argument("--sft-lr", type=float, default=3e-4)
+    ap.add_argument("--align-lr", type=float, default=2e-3)
+    ap.add_argument("--sft-lr", type=float, default=1e-3)
     ap.add_argument("--lora-rank", type=int, default=16)
     ap.add_argument("--lora-alpha", type=float, default=32.0)
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--eval-after-align", action="store_true", help="also POPE after align (slow on CPU)")
+    ap.add_argument("--align-from", type=Path, default=None,
+                    help="a finished align checkpoint of this recipe (same data settings): skip the align stage")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     timings: dict[str, float] = {}
@@ -89,7 +92,7 @@ def main() -> None:
     bench = write_bench(data)["pope"].parent
     lap("data")
     llm = str(fetch_model("smollm2-135m"))
-    model = build_vlm(llm, "shipped:vision", seed=0)
+    model = load_model(a.align_from) if a.align_from else build_vlm(llm, "shipped:vision", seed=0)
     print(f"model: {describe(model)}; {model.tokens_per_image} visual tokens per image")
     before = text_answer(model)
     images = data / "images"
@@ -108,17 +111,21 @@ def main() -> None:
             base=Path.cwd()))
 
     stages = []
-    r = run_stage(model, captions, stage="align", output_dir=a.out / "align", batch_size=a.batch_size,
-                  config=cfg("align", "captions.json", a.align_steps, a.align_lr, None),
-                  lr=a.align_lr, max_steps=a.align_steps, cache=cache)
-    stages.append(r)
-    lap("align")
+    if a.align_from:
+        align_checkpoint = a.align_from
+    else:
+        r = run_stage(model, captions, stage="align", output_dir=a.out / "align", batch_size=a.batch_size,
+                      config=cfg("align", "captions.json", a.align_steps, a.align_lr, None),
+                      lr=a.align_lr, max_steps=a.align_steps, cache=cache)
+        stages.append(r)
+        align_checkpoint = r.checkpoint
+        lap("align")
     results: dict = {"pope": {}}
     if a.eval_after_align:
         results["pope"]["after align only"] = pope(model, bench, "after align", False)["model"]
         lap("pope after align")
     adapted = add_lora(model.llm, rank=a.lora_rank, alpha=a.lora_alpha)
-    sft_cfg = cfg("sft", "conversations.json", a.sft_steps, a.sft_lr, str(r.checkpoint))
+    sft_cfg = cfg("sft", "conversations.json", a.sft_steps, a.sft_lr, str(align_checkpoint))
     sft_cfg["train"].update(lora_rank=a.lora_rank, lora_alpha=a.lora_alpha)
     r = run_stage(model, convs, stage="sft", output_dir=a.out / "sft", batch_size=a.batch_size,
                   config=sft_cfg, lr=a.sft_lr, max_steps=a.sft_steps, cache=cache)
