@@ -15,10 +15,11 @@ from lmmkit.models.presets import PRESETS, PresetError, add_preset_parser, prese
 # Parts for presets that name real towers: config loading never opens them, so made-up absolute paths do.
 PARTS = {"llm": "/models/vicuna-7b", "vision": "/models/clip-vit-large-patch14-336"}
 EXTRA = {"vision": "/models/dinov2-large", "vision_extra": "/models/siglip-so400m"}
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _parts(name: str) -> dict[str, str]:
-    if PRESETS[name].shipped_default:
+    if PRESETS[name].default_llm:
         return {}
     return {**PARTS, **EXTRA} if PRESETS[name].needs_extra else dict(PARTS)
 
@@ -33,7 +34,7 @@ def test_each_preset_writes_a_config_that_loads(name, tmp_path):
     assert cfg.data.train == str(tmp_path / "train.json") and cfg.data.image_folder == str(tmp_path)
     assert cfg.train.stage == ("sft" if PRESETS[name].single_stage else "align")
     assert cfg.train.output_dir == f"runs/{name}"
-    if PRESETS[name].shipped_default:  # ShapesWorld scale on the shipped LM
+    if PRESETS[name].default_llm:  # ShapesWorld scale on the preset's own parts
         assert cfg.train.max_steps > 0 and cfg.data.max_length == 512
     else:
         assert cfg.train.batch_size * cfg.train.grad_accum >= 128 and cfg.data.max_length == 2048
@@ -53,6 +54,21 @@ def test_recipes_say_what_they_are():
         (30, 1080, 1920)
     shapes_fuyu = preset_model_section("fuyu-style")
     assert (shapes_fuyu["vision"], shapes_fuyu["patch_size"], shapes_fuyu["patch_canvas_height"]) == ("patch", 8, 64)
+
+
+def test_smollm2_preset_is_the_docs_recipe(tmp_path):
+    """The preset, the example config and docs/smollm2.md describe one recipe: the fetched SmolLM2 (named, not
+    fetched, by writing the config), the shipped tower, align 300 steps at lr 2e-3, then LoRA SFT at 1e-3."""
+    path = tmp_path / "c.yaml"
+    text = preset_yaml("smollm2-shapes", train_file=str(tmp_path / "captions.json"), image_folder=str(tmp_path))
+    path.write_text(text)
+    cfg = load_config(path)
+    example = load_config(REPO / "configs" / "smollm2-shapes.yaml")
+    assert cfg.model == example.model and cfg.model.llm == "models:smollm2-135m"
+    for key in ("stage", "max_steps", "batch_size", "grad_accum", "lr", "precision", "cache_vision_features"):
+        assert getattr(cfg.train, key) == getattr(example.train, key), key
+    assert "train.lr=1e-3 train.lora_rank=16 train.lora_alpha=32" in text
+    assert "train.lr=1e-3" in (REPO / "configs" / "smollm2-shapes.yaml").read_text()
 
 
 @pytest.mark.parametrize(("name", "tokens", "bridge"), [("tiny", 64, "MLPBridge"),
@@ -99,7 +115,7 @@ def test_unknown_and_incomplete_presets_are_refused(capsys, tmp_path):
     add_preset_parser(parser.add_subparsers())
     args = parser.parse_args(["preset", "qwen-vl", "--out", str(tmp_path / "c.yaml")])
     assert args.func(args) == 2
-    assert "known presets: tiny, llava-1.5" in capsys.readouterr().err and not (tmp_path / "c.yaml").exists()
+    assert "known presets: tiny, smollm2-shapes, llava-1.5" in capsys.readouterr().err and not (tmp_path / "c.yaml").exists()
     args = parser.parse_args(["preset", "llava-1.5", "--llm", "lmsys/vicuna-7b-v1.5", "--vision",
                               "openai/clip-vit-large-patch14-336", "--out", str(tmp_path / "c.yaml")])
     assert args.func(args) == 0
