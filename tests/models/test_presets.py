@@ -67,8 +67,8 @@ def test_smollm2_preset_is_the_docs_recipe(tmp_path):
     assert cfg.model == example.model and cfg.model.llm == "models:smollm2-135m"
     for key in ("stage", "max_steps", "batch_size", "grad_accum", "lr", "precision", "cache_vision_features"):
         assert getattr(cfg.train, key) == getattr(example.train, key), key
-    assert "train.lr=1e-3 train.lora_rank=16 train.lora_alpha=32" in text
-    assert "train.lr=1e-3" in (REPO / "configs" / "smollm2-shapes.yaml").read_text()
+    assert "train.max_steps=400 train.lr=1e-3 train.lora_rank=16 train.lora_alpha=32" in text
+    assert "train.max_steps=400 train.lr=1e-3" in (REPO / "configs" / "smollm2-shapes.yaml").read_text()
 
 
 @pytest.mark.parametrize(("name", "tokens", "bridge"), [("tiny", 64, "MLPBridge"),
