@@ -39,11 +39,6 @@ class Preset:
     next_stage: str | None = None  # the sft stage's overrides for that recipe (in the YAML's comment)
     notes: tuple[str, ...] = field(default_factory=tuple)
 
-    @property
-    def shipped_default(self) -> bool:
-        """llm / vision default to the shipped ShapesWorld parts."""
-        return self.default_llm == SHIPPED_LM
-
 
 PRESETS: dict[str, Preset] = {
     "tiny": Preset(
@@ -144,8 +139,9 @@ def preset_model_section(name: str, llm: str | None = None, vision: str | None =
 
 
 def _train_section(name: str, shapes: bool, output_dir: str) -> dict[str, Any]:
-    """The first stage's train section: ShapesWorld scale on the shipped LM (the demo's numbers), else
-    LLaVA-1.5's align recipe (batch 256 = 16 x 16 accumulation, lr 1e-3), or its SFT one for single-stage."""
+    """The first stage's train section: the preset's own measured recipe (smollm2-shapes), ShapesWorld scale
+    on the shipped LM (the demo's numbers), else LLaVA-1.5's align recipe (batch 256 = 16 x 16 accumulation,
+    lr 1e-3), or its SFT one for single-stage."""
     p = _get(name)
     stage = "sft" if p.single_stage else "align"
     if p.first_stage is not None:
