@@ -82,6 +82,11 @@ def shipped_checkpoint(tmp_path_factory) -> Path:
 
 
 def pytest_collection_modifyitems(config, items) -> None:
-    """Slow end-to-end tests first: under `pytest -n 2` (make test) the longest ones then start at once on one
-    worker while the other works through the rest, instead of starting last and leaving a worker idle."""
-    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+    """Slow end-to-end tests first, longest first (`@pytest.mark.slow(minutes=N)`, else 1): under `pytest -n 2`
+    (make test) the longest then starts at once on one worker while the other works through the rest, instead
+    of starting late and leaving a worker idle at the end."""
+    def order(item) -> tuple[bool, float]:
+        slow = item.get_closest_marker("slow")
+        return slow is None, -(slow.kwargs.get("minutes", 1) if slow else 0)
+
+    items.sort(key=order)

@@ -44,7 +44,7 @@ def test_demo_small_writes_report_and_scores(tmp_path: Path, monkeypatch: pytest
     assert len(results["sample"]["conversation"]) == 8
 
 
-@pytest.mark.slow
+@pytest.mark.slow(minutes=8)  # the longest test: conftest starts it first
 def test_demo_reads_the_image(tmp_path: Path) -> None:
     """The README's `make demo` reads the image: high POPE F1 on held-out images, a balanced
     yes-ratio, and a blind control (blank images) at chance accuracy. The foundation issue's
