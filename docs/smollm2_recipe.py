@@ -96,7 +96,6 @@ def main() -> None:
     print(f"model: {describe(model)}; {model.tokens_per_image} visual tokens per image")
     before = text_answer(model)
     images = data / "images"
-    captions, _ = load_samples(model, data / "train" / "captions.json", images, 512)
     convs, _ = load_samples(model, data / "train" / "conversations.json", images, 512)
     cache = FeatureCache()
     cache.fill(model, [im for s in convs for im in s.images], desc="encode images (frozen tower)")
@@ -114,6 +113,7 @@ def main() -> None:
     if a.align_from:
         align_checkpoint = a.align_from
     else:
+        captions, _ = load_samples(model, data / "train" / "captions.json", images, 512)
         r = run_stage(model, captions, stage="align", output_dir=a.out / "align", batch_size=a.batch_size,
                       config=cfg("align", "captions.json", a.align_steps, a.align_lr, None),
                       lr=a.align_lr, max_steps=a.align_steps, cache=cache)

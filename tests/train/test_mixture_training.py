@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -146,7 +147,7 @@ def test_two_processes_stream_the_mixture_one_process_trains_on(tmp_path):
             "train": {"stage": "sft", "batch_size": per_rank, "max_steps": 3, "lr": 2e-3, "warmup_ratio": 0.0,
                       "precision": "fp32", "seed": 1, "log_every": 1, "output_dir": str(out)}}))
         argv = ["-m", "lmmkit.cli", "train", "--config", str(config)]
-        cmd = launch_cmd(n, *argv) if n > 1 else [launch_cmd(1)[0], *argv]
+        cmd = launch_cmd(n, *argv) if n > 1 else [sys.executable, *argv]
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=cpu_env())
         assert proc.returncode == 0, proc.stderr[-3000:]
         assert "mixture: 12 samples streamed in all" in proc.stdout

@@ -104,12 +104,16 @@ class StreamBatches:
     def __init__(self, spec: MixtureSpec, encoder: SampleEncoder, batch_size: int, num_workers: int,
                  policy: BadRecordPolicy = "skip") -> None:
         self.spec, self.encoder, self.batch_size = spec, encoder, batch_size  # per process
-        self.global_batch = batch_size  # x the number of processes, known once the loop asks for a batch
+        self.world = 1  # the number of processes: known once the loop asks for a batch
         self.num_workers, self.policy = num_workers, policy
         self.state: dict[str, Any] | None = None
         self.loader: MixtureLoader | None = None
         self._it: Iterator[list] | None = None
         self.consumed = 0
+
+    @property
+    def global_batch(self) -> int:
+        return self.batch_size * self.world
 
     def steps(self, max_steps: int, epochs: float, grad_accum: int) -> int:
         if not max_steps:
@@ -124,7 +128,7 @@ class StreamBatches:
 
     def get(self, micro: int, rank: int, world: int) -> list:
         if self._it is None:
-            self.global_batch = self.batch_size * world
+            self.world = world
             self._open()
             self.consumed = micro
         if micro != self.consumed:

@@ -4,8 +4,9 @@ The LM reads symbolic scene descriptions ("scene: <red_circle>, <blue_square>; t
 object, as the VLM gets one image token per object cell) where the VLM will later see the image,
 followed by the same kinds of questions and answers the VLM is fine-tuned on (mostly "is there a
 <colour> <shape>?"). So before it ever sees an image, the LM knows how to answer about a scene it is
-told; the bridge then has to make image features read like that description. Measured here: an untrained LM inside the VLM binds question words to
-image tokens far too slowly for a minutes-long demo. See docs/parts.md for what was tried.
+told; the bridge then has to make image features read like that description. Measured here: an
+untrained LM inside the VLM binds question words to image tokens far too slowly for a minutes-long
+demo. See docs/parts.md for what was tried.
 """
 
 from __future__ import annotations
